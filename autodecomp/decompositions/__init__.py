@@ -1,0 +1,37 @@
+"""Decomposition methods: one module per method, each registered with ``@register``.
+
+Every module in this package is imported here, so adding a method is adding a file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import (
+    DecomposedConv,
+    DecompositionError,
+    UnsupportedLayerError,
+    get_method,
+    methods,
+    register,
+    supporting_methods,
+)
+from .spec import ConvSpec
+
+_INFRASTRUCTURE = {"base", "spec", "layers"}
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _INFRASTRUCTURE and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = [
+    "ConvSpec",
+    "DecomposedConv",
+    "DecompositionError",
+    "UnsupportedLayerError",
+    "get_method",
+    "methods",
+    "register",
+    "supporting_methods",
+]

@@ -1,0 +1,175 @@
+"""The contract every decomposition method implements, and the registry that holds them."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .spec import ConvSpec
+
+__all__ = [
+    "DecomposedConv",
+    "DecompositionError",
+    "UnsupportedLayerError",
+    "get_method",
+    "methods",
+    "register",
+    "supporting_methods",
+]
+
+Rank = Any  # each method documents its own rank spec (int, tuple, ...), always JSON-serialisable
+
+
+class UnsupportedLayerError(ValueError):
+    """A method cannot represent this layer (grouped conv, prime channel counts, ...)."""
+
+
+class DecompositionError(RuntimeError):
+    """A numerical factorisation failed (NaN, divergence, degenerate factors)."""
+
+
+class DecomposedConv(nn.Module, ABC):
+    """A structured replacement for a dense ``nn.Conv2d``.
+
+    Subclasses own everything about their method: the rank spec and its valid range for a
+    given layer, ratio -> rank, initialisation from the dense kernel, the forward pass, and
+    exact parameter / MAC formulas. They are registered with :func:`register`.
+    """
+
+    name: ClassVar[str]
+    rank_help: ClassVar[str] = ""
+
+    def __init__(self, spec: ConvSpec, rank: Rank) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rank = rank
+        self.bias = nn.Parameter(torch.zeros(spec.out_channels)) if spec.bias else None
+
+    # ---- what a method says about a layer ------------------------------------------------
+    @classmethod
+    def unsupported_reason(cls, spec: ConvSpec) -> str | None:
+        """Why this method cannot serve ``spec``, or ``None`` when it can."""
+        if spec.groups != 1:
+            return f"grouped conv (groups={spec.groups}) needs a method for grouped convs"
+        if spec.padding_mode != "zeros":
+            return f"padding_mode={spec.padding_mode!r} (only 'zeros' is supported)"
+        return None
+
+    @classmethod
+    @abstractmethod
+    def normalize_rank(cls, spec: ConvSpec, rank: Rank) -> Rank:
+        """Validate an explicit rank spec and return it in canonical form (raises ValueError)."""
+
+    @classmethod
+    @abstractmethod
+    def param_count(cls, spec: ConvSpec, rank: Rank) -> int:
+        """Exact number of parameters (bias included) of the decomposed layer."""
+
+    @classmethod
+    @abstractmethod
+    def rank_candidates(cls, spec: ConvSpec) -> Iterable[Rank]:
+        """Valid ranks along the method's default path, in non-decreasing parameter count."""
+
+    @classmethod
+    def rank_for_ratio(cls, spec: ConvSpec, ratio: float) -> Rank:
+        """Largest rank on the default path whose parameters are <= ``ratio`` x dense."""
+        if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+        budget = ratio * spec.dense_params()
+        chosen = None
+        for rank in cls.rank_candidates(spec):
+            if chosen is None or cls.param_count(spec, rank) <= budget:
+                chosen = rank
+            else:
+                break
+        if chosen is None:
+            raise UnsupportedLayerError(f"method {cls.name!r} has no valid rank for {spec}")
+        return chosen
+
+    @classmethod
+    @abstractmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: Rank,
+        **opts: Any,
+    ) -> DecomposedConv:
+        """Initialise the factors from a dense kernel (``rank`` already normalised)."""
+
+    @classmethod
+    def empty_like(cls, spec: ConvSpec, rank: Rank, weight: torch.Tensor) -> DecomposedConv:
+        """An uninitialised layer on the device and in the dtype of ``weight``."""
+        return cls(spec, rank).to(device=weight.device, dtype=weight.dtype)
+
+    @classmethod
+    def random(cls, spec: ConvSpec, rank: Rank, generator: torch.Generator) -> DecomposedConv:
+        """A layer with random factors at ``rank``: its ``dense_weight()`` is exactly of that rank."""
+        module = cls(spec, cls.normalize_rank(spec, rank))
+        with torch.no_grad():
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        return module
+
+    # ---- what a layer instance provides ----------------------------------------------------
+    @abstractmethod
+    def dense_weight(self) -> torch.Tensor:
+        """The effective dense kernel, shape ``(F, C, kh, kw)``."""
+
+    @abstractmethod
+    def macs(self, h: int, w: int) -> int:
+        """Multiply-adds of one forward pass on a single ``h x w`` input (fvcore's convention)."""
+
+    def params(self) -> int:
+        return self.param_count(self.spec, self.rank)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{s.in_channels}, {s.out_channels}, kernel_size={s.kernel_size}, "
+            f"stride={s.stride}, rank={self.rank!r}"
+        )
+
+
+_REGISTRY: dict[str, type[DecomposedConv]] = {}
+
+
+def register(name: str) -> Callable[[type[DecomposedConv]], type[DecomposedConv]]:
+    """Class decorator that registers a method under ``name`` (duplicates raise)."""
+
+    def decorate(cls: type[DecomposedConv]) -> type[DecomposedConv]:
+        if name in _REGISTRY:
+            raise ValueError(f"decomposition method {name!r} is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, DecomposedConv)):
+            raise TypeError(f"{cls!r} is not a DecomposedConv subclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[DecomposedConv]:
+    """The method class registered under ``name``; unknown names list the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown decomposition method {name!r}; valid methods: {', '.join(methods())}"
+        ) from None
+
+
+def supporting_methods(spec: ConvSpec) -> list[str]:
+    """Methods that can serve a layer of this geometry."""
+    return [n for n in methods() if _REGISTRY[n].unsupported_reason(spec) is None]

@@ -1,0 +1,131 @@
+"""Tucker-2 (Kim et al. 2016): 1x1 C->R3, kh x kw core R3->R4, 1x1 R4->F."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..factorize.cache import default_cache, weight_key
+from .base import DecomposedConv, register
+from .layers import SpatialConv, pointwise
+from .spec import ConvSpec
+
+
+def _hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output / input singular bases and the fully rotated core (all nested in the ranks)."""
+    f, c = weight.shape[:2]
+    u_out = torch.linalg.svd(weight.reshape(f, -1), full_matrices=False)[0]
+    u_in = torch.linalg.svd(weight.transpose(0, 1).reshape(c, -1), full_matrices=False)[0]
+    core = torch.einsum("fcij,fr,cs->rsij", weight, u_out, u_in)
+    return u_out, u_in, core
+
+
+def _hooi(weight: torch.Tensor, r_in: int, r_out: int, iters: int) -> tuple[torch.Tensor, ...]:
+    """Higher-order orthogonal iteration for Tucker-2, started from the HOSVD."""
+    f, c = weight.shape[:2]
+    u_out, u_in, _ = _hosvd(weight)
+    u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
+    for _ in range(iters):
+        proj = torch.einsum("fcij,cs->fsij", weight, u_in).reshape(f, -1)
+        u_out = torch.linalg.svd(proj, full_matrices=False)[0][:, :r_out]
+        proj = torch.einsum("fcij,fr->crij", weight, u_out).reshape(c, -1)
+        u_in = torch.linalg.svd(proj, full_matrices=False)[0][:, :r_in]
+    core = torch.einsum("fcij,fr,cs->rsij", weight, u_out, u_in)
+    return u_out, u_in, core
+
+
+@register("tucker")
+class Tucker2Conv(DecomposedConv):
+    """Tucker-2 along the channel modes; HOSVD init (nested in ranks), optional HOOI refine."""
+
+    rank_help = "(R_in, R_out) with 1 <= R_in <= C, 1 <= R_out <= F; an int r means (r, r)"
+
+    def __init__(self, spec: ConvSpec, rank: tuple[int, int]) -> None:
+        super().__init__(spec, rank)
+        r_in, r_out = rank
+        self.first = pointwise(spec.in_channels, r_in)
+        self.core = SpatialConv(spec, r_in, r_out)
+        self.last = pointwise(r_out, spec.out_channels)
+
+    @classmethod
+    def normalize_rank(cls, spec: ConvSpec, rank: Any) -> tuple[int, int]:
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            rank = (rank, rank)
+        if not (isinstance(rank, list | tuple) and len(rank) == 2):
+            raise ValueError(f"tucker rank must be an int or (R_in, R_out), got {rank!r}")
+        r_in, r_out = (int(r) for r in rank)
+        c, f = spec.in_channels, spec.out_channels
+        if not (1 <= r_in <= c and 1 <= r_out <= f):
+            raise ValueError(
+                f"tucker rank {tuple(rank)} out of range: R_in must be in [1, {c}] "
+                f"and R_out in [1, {f}]"
+            )
+        return (r_in, r_out)
+
+    @classmethod
+    def param_count(cls, spec: ConvSpec, rank: tuple[int, int]) -> int:
+        r_in, r_out = rank
+        c, f = spec.in_channels, spec.out_channels
+        return c * r_in + r_in * r_out * spec.kernel_area + r_out * f + (f if spec.bias else 0)
+
+    @classmethod
+    def rank_candidates(cls, spec: ConvSpec) -> Iterator[tuple[int, int]]:
+        c, f = spec.in_channels, spec.out_channels
+        n = max(c, f)
+        previous = None
+        for t in range(1, n + 1):
+            rank = (max(1, -(-t * c // n)), max(1, -(-t * f // n)))
+            if rank != previous:
+                previous = rank
+                yield rank
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: tuple[int, int],
+        *,
+        hooi_iters: int = 0,
+        cache=default_cache,
+        **_: Any,
+    ) -> Tucker2Conv:
+        r_in, r_out = rank
+        w64 = weight.detach().to(torch.float64)
+        if hooi_iters > 0:
+            key = f"tucker/hooi/{weight_key(weight)}/{r_in}/{r_out}/{hooi_iters}"
+            u_out, u_in, core = cache.get_or_compute(key, lambda: _hooi(w64, r_in, r_out, hooi_iters))
+        else:
+            key = f"tucker/hosvd/{weight_key(weight)}"
+            u_out, u_in, core = cache.get_or_compute(key, lambda: _hosvd(w64))
+        module = cls.empty_like(spec, rank, weight)
+        dtype = weight.dtype
+        with torch.no_grad():
+            module.first.weight.copy_(u_in[:, :r_in].T.reshape(r_in, -1, 1, 1).to(dtype))
+            module.core.weight.copy_(core[:r_out, :r_in].to(dtype))
+            module.last.weight.copy_(u_out[:, :r_out].reshape(-1, r_out, 1, 1).to(dtype))
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.core(self.first(x))
+        return torch.nn.functional.conv2d(y, self.last.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return torch.einsum(
+            "fr,rsij,sc->fcij", self.last.weight[:, :, 0, 0], self.core.weight, self.first.weight[:, :, 0, 0]
+        )
+
+    def macs(self, h: int, w: int) -> int:
+        r_in, r_out = self.rank
+        ho, wo = self.spec.output_size(h, w)
+        s = self.spec
+        return (
+            h * w * s.in_channels * r_in
+            + ho * wo * r_out * r_in * s.kernel_area
+            + ho * wo * s.out_channels * r_out
+        )

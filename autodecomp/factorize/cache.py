@@ -1,0 +1,107 @@
+"""A cache of factorisations keyed by a hash of the dense weight.
+
+SVD-family factorisations are stored once per layer and truncated for any rank; ALS results
+are stored per (layer, rank). Entries live in memory (LRU) and, when a directory is set, on
+disk as atomically renamed ``torch.save`` files, so worker processes of one study share
+them safely: a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FactorCache", "default_cache", "weight_key"]
+
+
+def weight_key(weight: torch.Tensor) -> str:
+    """A content hash of a tensor (shape, dtype and values)."""
+    data = weight.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tuple(data.shape)}|{data.dtype}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+class FactorCache:
+    """LRU cache of factor tensors with an optional shared directory."""
+
+    def __init__(self, max_entries: int = 256, directory: str | os.PathLike | None = None):
+        self.max_entries = max_entries
+        self.directory = Path(directory) if directory is not None else None
+        self._memory: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def set_directory(self, directory: str | os.PathLike | None) -> None:
+        """Share entries through ``directory`` (created if missing); ``None`` turns it off."""
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._memory.clear()
+            self.hits = self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Return the entry for ``key``, computing and storing it on a miss."""
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return self._memory[key]
+        value = self._load(key)
+        if value is None:
+            self.misses += 1
+            value = compute()
+            self._store(key, value)
+        else:
+            self.hits += 1
+        with self._lock:
+            self._memory[key] = value
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.max_entries:
+                self._memory.popitem(last=False)
+        return value
+
+    def _path(self, key: str) -> Path | None:
+        if self.directory is None:
+            return None
+        safe = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
+        return self.directory / f"{safe}.pt"
+
+    def _load(self, key: str) -> Any:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a corrupt entry is recomputed, never trusted
+            return None
+
+    def _store(self, key: str, value: Any) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(value, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+default_cache = FactorCache()

@@ -1,0 +1,184 @@
+"""Conformance suite run over every registered method (new methods are covered automatically)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import autodecomp as ad
+from autodecomp.cost import uncounted_ops
+from autodecomp.decompositions import ConvSpec, get_method
+
+# (id, in, out, kernel, stride, padding, dilation, bias, input hw)
+GEOMETRIES = [
+    ("3x3-s1", 8, 12, 3, 1, 1, 1, True, (9, 9)),
+    ("3x3-s2", 8, 12, 3, 2, 1, 1, True, (10, 11)),
+    ("5x5-dil2", 8, 12, 5, 1, 4, 2, True, (12, 12)),
+    ("1x1", 8, 12, 1, 1, 0, 1, True, (6, 7)),
+    ("1x1-s2", 12, 8, 1, 2, 0, 1, False, (7, 7)),
+    ("nonsquare", 8, 12, (3, 5), 1, (1, 2), 1, True, (8, 9)),
+    ("same-even", 8, 12, 4, 1, "same", 1, True, (8, 8)),
+    ("same-3x3", 12, 8, 3, 1, "same", 1, True, (8, 8)),
+    ("nobias-s2-dil", 8, 12, 3, 2, 2, 2, False, (11, 11)),
+]
+
+METHODS = ad.methods()
+
+
+def make_conv(geom, dtype=torch.float64) -> nn.Conv2d:
+    _, cin, cout, k, s, p, d, bias, _ = geom
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, bias=bias).to(dtype)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        conv.weight.normal_()
+        if conv.bias is not None:
+            conv.bias.normal_()
+    return conv
+
+
+def supported_or_skip(method: str, spec: ConvSpec) -> None:
+    reason = get_method(method).unsupported_reason(spec)
+    if reason is not None:
+        pytest.skip(f"{method} does not support this geometry: {reason}")
+
+
+def test_registry_lists_methods():
+    assert set(METHODS) >= {"cp", "tucker", "pdp", "tt", "tr"}
+    with pytest.raises(ValueError, match="already registered"):
+        ad.decompositions.register("tucker")(get_method("tucker"))
+    with pytest.raises(ValueError, match=r"unknown decomposition method 'nope'.*tucker"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_forward_equals_conv_with_dense_weight(method, geom):
+    conv = make_conv(geom)
+    spec = ConvSpec.from_conv(conv)
+    supported_or_skip(method, spec)
+    layer = ad.decompose_conv(conv, method, ratio=0.4)
+    x = torch.randn(2, conv.in_channels, *geom[-1], dtype=torch.float64)
+    bias = layer.bias if layer.bias is not None else None
+    expected = F.conv2d(x, layer.dense_weight(), bias, conv.stride, conv.padding, conv.dilation)
+    out = layer(x)
+    assert out.shape == conv(x).shape
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_macs_and_params_equal_fvcore_and_flop_counter(method, geom):
+    conv = make_conv(geom, torch.float32)
+    spec = ConvSpec.from_conv(conv)
+    supported_or_skip(method, spec)
+    layer = ad.decompose_conv(conv, method, ratio=0.3)
+    h, w = geom[-1]
+    assert layer.params() == ad.count_params(layer)
+    assert layer.params() == get_method(method).param_count(spec, layer.rank)
+    assert layer.macs(h, w) == ad.count_macs(layer, (conv.in_channels, h, w))
+    assert not uncounted_ops(layer, (conv.in_channels, h, w))
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.zeros(1, conv.in_channels, h, w))
+    assert counter.get_total_flops() == 2 * layer.macs(h, w)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("geom", GEOMETRIES[:4], ids=[g[0] for g in GEOMETRIES[:4]])
+def test_exact_rank_kernel_is_recovered(method, geom):
+    conv = make_conv(geom)
+    spec = ConvSpec.from_conv(conv)
+    supported_or_skip(method, spec)
+    cls = get_method(method)
+    rank = cls.rank_for_ratio(spec, 0.3)
+    truth = cls.random(spec, rank, torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        conv.weight.copy_(truth.dense_weight())
+    layer = ad.decompose_conv(conv, method, rank=rank)
+    err = (layer.dense_weight() - conv.weight).norm() / conv.weight.norm()
+    assert err < 1e-4, f"{method} at rank {rank}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_error_non_increasing_in_rank(method):
+    conv = make_conv(GEOMETRIES[0])
+    spec = ConvSpec.from_conv(conv)
+    cls = get_method(method)
+    ranks = list(cls.rank_candidates(spec))
+    picks = [ranks[i] for i in sorted({round(t * (len(ranks) - 1) / 5) for t in range(6)})]
+    errors = []
+    for rank in picks:
+        layer = ad.decompose_conv(conv, method, rank=rank)
+        errors.append(float((layer.dense_weight() - conv.weight).norm() / conv.weight.norm()))
+    for lo, hi in zip(errors[1:], errors[:-1], strict=True):
+        assert lo <= hi * (1 + 1e-3) + 1e-9, f"{method}: errors {errors} at ranks {picks}"
+    assert errors[-1] < errors[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_picks_largest_rank_within_budget(method):
+    conv = make_conv(GEOMETRIES[0])
+    spec = ConvSpec.from_conv(conv)
+    cls = get_method(method)
+    for ratio in (0.1, 0.25, 0.5):
+        rank = cls.rank_for_ratio(spec, ratio)
+        budget = ratio * spec.dense_params()
+        ranks = list(cls.rank_candidates(spec))
+        within = [r for r in ranks if cls.param_count(spec, r) <= budget]
+        if within:
+            assert cls.param_count(spec, rank) == max(cls.param_count(spec, r) for r in within)
+        else:
+            assert rank == ranks[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_input_is_a_clear_value_error(method):
+    conv = make_conv(GEOMETRIES[0])
+    for bad in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="ratio"):
+            ad.decompose_conv(conv, method, ratio=bad)
+    with pytest.raises(ValueError, match="range|must|invalid"):
+        ad.decompose_conv(conv, method, rank=10**6)
+    with pytest.raises(ValueError, match="exactly one"):
+        ad.decompose_conv(conv, method)
+    grouped = nn.Conv2d(8, 12, 3, groups=4)
+    if get_method(method).unsupported_reason(ConvSpec.from_conv(grouped)) is not None:
+        with pytest.raises(ValueError, match="groups=4"):
+            ad.decompose_conv(grouped, method, ratio=0.5)
+
+
+def test_plan_naming_missing_layer_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"'9'.*valid layers: 0, 2"):
+        ad.apply_plan(model, {"9": {"method": "tucker", "ratio": 0.5}})
+    with pytest.raises(ValueError, match="unknown decomposition method"):
+        ad.apply_plan(model, {"2": {"method": "svd9", "ratio": 0.5}})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_apply_plan_on_resnet18_keeps_shapes_and_original(method):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = ad.conv_layers(model)
+    assert len(layers) == 20
+    spec_of = {n: ConvSpec.from_conv(model.get_submodule(n)) for n in layers}
+    plan = {
+        n: {"method": method, "ratio": 0.25}
+        for n in layers
+        if get_method(method).unsupported_reason(spec_of[n]) is None
+    }
+    assert plan, f"{method} supports no layer of resnet18"
+    plan = json.loads(json.dumps(plan))
+    small = ad.apply_plan(model, plan)
+    x = torch.randn(2, 3, 32, 32)
+    assert small(x).shape == model(x).shape == (2, 10)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert ad.count_params(small) < ad.count_params(model)
+    assert set(ad.conv_layers(small)) == set(layers) - set(plan)
