@@ -8,6 +8,7 @@ model family is adding a file.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,8 @@ def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kwarg
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot import model {name!r}: {err}") from None
+        if "in_channels" in inspect.signature(fn).parameters:
+            kwargs["in_channels"] = in_channels
         return fn(num_classes=num_classes, **kwargs)
     tv = _torchvision_names()
     if name in tv:
