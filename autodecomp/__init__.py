@@ -12,6 +12,8 @@ from .decompositions import (
     methods,
     supporting_methods,
 )
+from .export import load
+from .models import get_model, model_names, register_model
 from .surgery import apply_plan, conv_layers, decompose_conv
 
 __version__ = "0.1.0"
@@ -28,6 +30,10 @@ __all__ = [
     "count_params",
     "decompose_conv",
     "get_method",
+    "get_model",
+    "load",
     "methods",
+    "model_names",
+    "register_model",
     "supporting_methods",
 ]

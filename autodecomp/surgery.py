@@ -47,7 +47,9 @@ def decompose_conv(
         raise TypeError(f"decompose_conv needs an nn.Conv2d, got {type(conv).__name__}")
     cls = get_method(method)
     if (ratio is None) == (rank is None):
-        raise ValueError(f"give exactly one of ratio= or rank= (got ratio={ratio!r}, rank={rank!r})")
+        raise ValueError(
+            f"give exactly one of ratio= or rank= (got ratio={ratio!r}, rank={rank!r})"
+        )
     spec = ConvSpec.from_conv(conv)
     reason = cls.unsupported_reason(spec)
     if reason is not None:
@@ -88,7 +90,9 @@ def _check_entry(name: str, entry: Any) -> dict[str, Any]:
     if isinstance(entry, str):
         entry = {"method": entry}
     if not isinstance(entry, Mapping) or "method" not in entry:
-        raise ValueError(f"plan entry for {name!r} must be a mapping with a 'method', got {entry!r}")
+        raise ValueError(
+            f"plan entry for {name!r} must be a mapping with a 'method', got {entry!r}"
+        )
     return dict(entry)
 
 
@@ -101,13 +105,17 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
             method ``"keep"`` leaves a layer dense. Other keys are passed to the method.
     """
     if not isinstance(plan, Mapping):
-        raise ValueError(f"plan must be a mapping of layer name -> entry, got {type(plan).__name__}")
+        raise ValueError(
+            f"plan must be a mapping of layer name -> entry, got {type(plan).__name__}"
+        )
     modules = dict(model.named_modules())
     valid = conv_layers(model)
     for name in plan:
         if name not in modules or not isinstance(modules[name], nn.Conv2d):
             shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
-            raise ValueError(f"plan names layer {name!r}, not a conv of the model; valid layers: {shown}")
+            raise ValueError(
+                f"plan names layer {name!r}, not a conv of the model; valid layers: {shown}"
+            )
     new = copy.deepcopy(model)
     for name, raw in plan.items():
         entry = _check_entry(name, raw)

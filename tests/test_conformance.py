@@ -113,7 +113,9 @@ def test_error_non_increasing_in_rank(method):
     errors = []
     for rank in picks:
         layer = ad.decompose_conv(conv, method, rank=rank)
-        errors.append(float((layer.dense_weight() - conv.weight).norm() / conv.weight.norm()))
+        errors.append(
+            float((layer.dense_weight() - conv.weight).detach().norm() / conv.weight.norm())
+        )
     for lo, hi in zip(errors[1:], errors[:-1], strict=True):
         assert lo <= hi * (1 + 1e-3) + 1e-9, f"{method}: errors {errors} at ranks {picks}"
     assert errors[-1] < errors[0]
@@ -141,7 +143,7 @@ def test_bad_input_is_a_clear_value_error(method):
     for bad in (0, -0.5, float("nan")):
         with pytest.raises(ValueError, match="ratio"):
             ad.decompose_conv(conv, method, ratio=bad)
-    with pytest.raises(ValueError, match="range|must|invalid"):
+    with pytest.raises(ValueError, match=r"range|must|invalid"):
         ad.decompose_conv(conv, method, rank=10**6)
     with pytest.raises(ValueError, match="exactly one"):
         ad.decompose_conv(conv, method)
@@ -169,7 +171,7 @@ def test_apply_plan_on_resnet18_keeps_shapes_and_original(method):
     assert len(layers) == 20
     spec_of = {n: ConvSpec.from_conv(model.get_submodule(n)) for n in layers}
     plan = {
-        n: {"method": method, "ratio": 0.25}
+        n: {"method": method, "ratio": 0.05}
         for n in layers
         if get_method(method).unsupported_reason(spec_of[n]) is None
     }

@@ -110,7 +110,7 @@ class DecomposedConv(nn.Module, ABC):
 
     @classmethod
     def random(cls, spec: ConvSpec, rank: Rank, generator: torch.Generator) -> DecomposedConv:
-        """A layer with random factors at ``rank``: its ``dense_weight()`` is exactly of that rank."""
+        """A layer with random factors at ``rank``; its ``dense_weight()`` has exactly that rank."""
         module = cls(spec, cls.normalize_rank(spec, rank))
         with torch.no_grad():
             for param in module.parameters():

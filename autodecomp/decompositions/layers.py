@@ -42,7 +42,12 @@ class SpatialConv(nn.Conv2d):
         kernel = (kh if use_h else 1, kw if use_w else 1)
         stride = (sh if use_h else 1, sw if use_w else 1)
         dilation = (dh if use_h else 1, dw if use_w else 1)
-        pads = (top if use_h else 0, bottom if use_h else 0, left if use_w else 0, right if use_w else 0)
+        pads = (
+            top if use_h else 0,
+            bottom if use_h else 0,
+            left if use_w else 0,
+            right if use_w else 0,
+        )
         symmetric = pads[0] == pads[1] and pads[2] == pads[3]
         super().__init__(
             in_channels,

@@ -69,7 +69,7 @@ class ConvSpec:
         bias: bool = True,
         padding_mode: str = "zeros",
     ) -> ConvSpec:
-        """Build a spec with torch's argument conventions (ints, pairs or ``'same'``/``'valid'``)."""
+        """Build a spec from torch's argument conventions (ints, pairs, ``'same'``, ``'valid'``)."""
         kernel, stride_, dilation_ = _pair(kernel_size), _pair(stride), _pair(dilation)
         if isinstance(padding, str):
             if padding == "valid":
@@ -144,6 +144,4 @@ class ConvSpec:
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The reference dense convolution with this geometry."""
-        return F.conv2d(
-            self.pad(x), weight, bias, self.stride, 0, self.dilation, self.groups
-        )
+        return F.conv2d(self.pad(x), weight, bias, self.stride, 0, self.dilation, self.groups)

@@ -97,7 +97,9 @@ class Tucker2Conv(DecomposedConv):
         w64 = weight.detach().to(torch.float64)
         if hooi_iters > 0:
             key = f"tucker/hooi/{weight_key(weight)}/{r_in}/{r_out}/{hooi_iters}"
-            u_out, u_in, core = cache.get_or_compute(key, lambda: _hooi(w64, r_in, r_out, hooi_iters))
+            u_out, u_in, core = cache.get_or_compute(
+                key, lambda: _hooi(w64, r_in, r_out, hooi_iters)
+            )
         else:
             key = f"tucker/hosvd/{weight_key(weight)}"
             u_out, u_in, core = cache.get_or_compute(key, lambda: _hosvd(w64))
@@ -117,7 +119,10 @@ class Tucker2Conv(DecomposedConv):
 
     def dense_weight(self) -> torch.Tensor:
         return torch.einsum(
-            "fr,rsij,sc->fcij", self.last.weight[:, :, 0, 0], self.core.weight, self.first.weight[:, :, 0, 0]
+            "fr,rsij,sc->fcij",
+            self.last.weight[:, :, 0, 0],
+            self.core.weight,
+            self.first.weight[:, :, 0, 0],
         )
 
     def macs(self, h: int, w: int) -> int:

@@ -21,7 +21,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a builder ``fn(*, num_classes, in_channels, **kwargs) -> nn.Module``."""
+    """Decorator registering ``fn(*, num_classes, in_channels, **kwargs) -> nn.Module``."""
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _BUILDERS:
@@ -43,7 +43,9 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+def get_model(
+    name: str, *, num_classes: int = 10, in_channels: int = 3, **kwargs: Any
+) -> nn.Module:
     """Build a model by name with random weights.
 
     Args:

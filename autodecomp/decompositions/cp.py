@@ -1,0 +1,139 @@
+"""CP (Lebedev et al. 2015): 1x1 C->R, kh x 1 depthwise, 1 x kw depthwise, 1x1 R->F."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..factorize.cache import FactorCache, default_cache, weight_key
+from ..factorize.cp_als import cp_als
+from .base import DecomposedConv, register
+from .layers import SpatialConv, pointwise
+from .spec import ConvSpec
+
+_SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread")
+
+
+def max_cp_rank(shape: tuple[int, ...]) -> int:
+    """Largest useful CP rank of a tensor: the product of its mode sizes over the largest."""
+    return math.prod(shape) // max(shape)
+
+
+def check_cp_rank(method: str, shape: tuple[int, ...], rank: Any) -> int:
+    """Validate an int rank in ``[1, max_cp_rank(shape)]``."""
+    bound = max_cp_rank(shape)
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        value = None
+    if value is None or isinstance(rank, bool) or not 1 <= value <= bound:
+        raise ValueError(f"{method} rank must be an int in the range [1, {bound}], got {rank!r}")
+    return value
+
+
+def cached_cp(
+    method: str,
+    weight: torch.Tensor,
+    tensor: torch.Tensor,
+    rank: int,
+    cache: FactorCache,
+    opts: dict[str, Any],
+) -> list[torch.Tensor]:
+    """Balanced CP factors of ``tensor`` (a reshaped ``weight``), cached per layer and rank."""
+    unknown = set(opts) - set(_SOLVER_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown {method} option(s) {sorted(unknown)}; valid: {', '.join(_SOLVER_OPTIONS)}"
+        )
+    options = "/".join(f"{k}={opts[k]!r}" for k in sorted(opts))
+    key = f"{method}/cp_als-v1/{weight_key(weight)}/{rank}/{options}"
+
+    def compute() -> list[torch.Tensor]:
+        weights, factors, _ = cp_als(tensor.detach().to(torch.float64), rank, **opts)
+        return [factors[0] * weights, *factors[1:]]
+
+    return cache.get_or_compute(key, compute)
+
+
+@register("cp")
+class CPConv(DecomposedConv):
+    """Rank-R CP of the 4D kernel as four convolutions (pointwise, two 1D depthwise, pointwise).
+
+    ``dense_weight()[f, c, i, j] = sum_r last[f, r] * vertical[r, i] * horizontal[r, j] *
+    first[r, c]``. Initialised by CP-ALS of the kernel in float64 with balanced factor norms.
+    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``.
+    """
+
+    rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh, kw)]"
+
+    def __init__(self, spec: ConvSpec, rank: int) -> None:
+        super().__init__(spec, rank)
+        self.first = pointwise(spec.in_channels, rank)
+        self.vertical = SpatialConv(spec, rank, rank, axes="h", groups=rank)
+        self.horizontal = SpatialConv(spec, rank, rank, axes="w", groups=rank)
+        self.last = pointwise(rank, spec.out_channels)
+
+    @classmethod
+    def normalize_rank(cls, spec: ConvSpec, rank: Any) -> int:
+        return check_cp_rank("cp", spec.weight_shape, rank)
+
+    @classmethod
+    def param_count(cls, spec: ConvSpec, rank: int) -> int:
+        f, c, kh, kw = spec.weight_shape
+        return rank * (c + kh + kw + f) + (f if spec.bias else 0)
+
+    @classmethod
+    def rank_candidates(cls, spec: ConvSpec) -> Iterator[int]:
+        return iter(range(1, max_cp_rank(spec.weight_shape) + 1))
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: int,
+        *,
+        cache: FactorCache = default_cache,
+        **opts: Any,
+    ) -> CPConv:
+        out_f, in_c, vert, horiz = cached_cp("cp", weight, weight, rank, cache, opts)
+        module = cls.empty_like(spec, rank, weight)
+        dtype = weight.dtype
+        with torch.no_grad():
+            module.first.weight.copy_(in_c.T.reshape(rank, -1, 1, 1).to(dtype))
+            module.vertical.weight.copy_(vert.T.reshape(rank, 1, -1, 1).to(dtype))
+            module.horizontal.weight.copy_(horiz.T.reshape(rank, 1, 1, -1).to(dtype))
+            module.last.weight.copy_(out_f.reshape(-1, rank, 1, 1).to(dtype))
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.horizontal(self.vertical(self.first(x)))
+        return F.conv2d(y, self.last.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return torch.einsum(
+            "fr,rc,ri,rj->fcij",
+            self.last.weight[:, :, 0, 0],
+            self.first.weight[:, :, 0, 0],
+            self.vertical.weight[:, 0, :, 0],
+            self.horizontal.weight[:, 0, 0, :],
+        )
+
+    def macs(self, h: int, w: int) -> int:
+        s, r = self.spec, self.rank
+        kh, kw = s.kernel_size
+        ho, wo = s.output_size(h, w)
+        return (
+            h * w * s.in_channels * r
+            + ho * w * r * kh
+            + ho * wo * r * kw
+            + ho * wo * s.out_channels * r
+        )
