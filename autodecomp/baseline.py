@@ -3,7 +3,9 @@
 A trained baseline is cached in ``<study folder>/cache/baseline-<key>.pt`` (a state dict,
 written atomically) with ``baseline-<key>.json`` next to it holding its accuracy. The key
 hashes the model, data and recipe, so a changed recipe trains a new baseline instead of
-reusing a stale one; an unchanged one is reused on resume.
+reusing a stale one; an unchanged one is reused on resume. Checking the cache and training
+happen under an exclusive lock (``baseline-<key>.lock``), so processes sharing the study
+folder train it exactly once: the others wait, then load it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from . import train
 from .config import ConfigError, StudyConfig
 from .cost import count_macs, count_params
 from .data import DataSplits, make_loader
-from .files import atomic_write
+from .files import atomic_write, exclusive_lock
 
 __all__ = ["Baseline", "cache_paths", "load_baseline"]
 
@@ -101,12 +103,13 @@ def load_baseline(
         accuracy = train.evaluate(model, val, device=device)
     else:
         path, meta = cache_paths(cfg)
-        if path.exists() and meta.exists():
-            _load_state(model, path, device)
-            accuracy = float(json.loads(meta.read_text())["val_accuracy"])
-            log(f"baseline: reusing {path.name} (val accuracy {accuracy:.4f})")
-        else:
-            accuracy = _train(cfg, model, splits, val, path, meta, log)
+        with exclusive_lock(path.with_suffix(".lock")):
+            if path.exists() and meta.exists():
+                _load_state(model, path, device)
+                accuracy = float(json.loads(meta.read_text())["val_accuracy"])
+                log(f"baseline: reusing {path.name} (val accuracy {accuracy:.4f})")
+            else:
+                accuracy = _train(cfg, model, splits, val, path, meta, log)
     model.eval()
     shape = tuple(splits.input_shape)
     return Baseline(model, accuracy, count_macs(model, shape), count_params(model), shape, path)

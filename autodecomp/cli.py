@@ -32,11 +32,14 @@ def command(name: str, help: str) -> Callable:
     return decorate
 
 
-@command("search", help="run or resume a search study and write its Pareto tables")
-def _search(parser: argparse.ArgumentParser) -> Handler:
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", help="path to studies/<name>/study.yaml (or its folder)")
     parser.add_argument("--trials", type=int, help="total trial count (overrides 'trials')")
-    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in the folder)")
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: sqlite in the folder); journal:///path for "
+        "several processes on one node, postgresql+psycopg2://... for many nodes",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -46,19 +49,101 @@ def _search(parser: argparse.ArgumentParser) -> Handler:
         help="override a config value, e.g. --set proxy.steps=50 (value parsed as YAML)",
     )
 
+
+def _study_config(args: argparse.Namespace):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.trials is not None:
+        if args.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+        overrides.append(f"trials={args.trials}")
+    if args.storage is not None:
+        overrides.append(f"storage={json.dumps(args.storage)}")
+    return load_config(args.study, overrides)
+
+
+@command("search", help="run or resume a search study and write its Pareto tables")
+def _search(parser: argparse.ArgumentParser) -> Handler:
+    _study_arguments(parser)
+
     def run(args: argparse.Namespace) -> int:
-        from .config import load_config
         from .study import run_search
 
-        overrides = list(args.overrides)
-        if args.trials is not None:
-            if args.trials < 1:
-                raise ConfigError(f"--trials must be >= 1, got {args.trials}")
-            overrides.append(f"trials={args.trials}")
-        if args.storage is not None:
-            overrides.append(f"storage={json.dumps(args.storage)}")
-        result = run_search(load_config(args.study, overrides))
+        result = run_search(_study_config(args))
         return 130 if result.interrupted else 0
+
+    return run
+
+
+@command("create", help="create a study and its baseline, run no trial (then start workers)")
+def _create(parser: argparse.ArgumentParser) -> Handler:
+    _study_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from .study import setup_study
+
+        setup_study(_study_config(args))
+        return 0
+
+    return run
+
+
+@command("worker", help="join a study in a shared storage and run trials until it has its total")
+def _worker(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--study", required=True, help="the study's name")
+    parser.add_argument(
+        "--storage",
+        required=True,
+        help="postgresql+psycopg2://user@host/db (many nodes) or journal:///path (one node)",
+    )
+    parser.add_argument(
+        "--trials-total",
+        type=int,
+        help="COMPLETE + PRUNED trials at which the study ends (default: the study's 'trials')",
+    )
+    parser.add_argument("--device", help="this worker's device, e.g. cuda:0 (default: the study's)")
+    parser.add_argument(
+        "--folder", help="the study folder, if not at the path the study was created at"
+    )
+    parser.add_argument(
+        "--index", type=int, help="worker number; seeds its sampler (default: the process id)"
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="seconds between heartbeats of a running trial (default: 60)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=int,
+        metavar="SECONDS",
+        help="a running trial silent this long is failed and re-queued (default: 2x heartbeat)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from .storage import Heartbeat
+        from .worker import run_worker
+
+        if args.heartbeat < 1 or (args.grace is not None and args.grace <= args.heartbeat):
+            raise ConfigError(
+                f"need --heartbeat >= 1 and --grace > --heartbeat, got {args.heartbeat} and "
+                f"{args.grace}"
+            )
+        result = run_worker(
+            args.study,
+            args.storage,
+            total=args.trials_total,
+            device=args.device,
+            folder=args.folder,
+            index=args.index,
+            heartbeat=Heartbeat(interval=args.heartbeat, grace=args.grace),
+        )
+        if result.interrupted:
+            return 130
+        return 0 if result.finished else 1
 
     return run
 

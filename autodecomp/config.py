@@ -10,10 +10,11 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import types
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,6 +26,7 @@ __all__ = [
     "Budgets",
     "ConfigError",
     "DataConfig",
+    "LatencyConfig",
     "LayerRule",
     "ModelConfig",
     "ProxyConfig",
@@ -34,12 +36,18 @@ __all__ = [
     "StudyConfig",
     "WarmStart",
     "apply_overrides",
+    "config_from_dict",
     "load_config",
     "load_space",
     "parse_space",
 ]
 
-OBJECTIVES = {"accuracy": "maximize", "macs": "minimize", "params": "minimize"}
+OBJECTIVES = {
+    "accuracy": "maximize",
+    "macs": "minimize",
+    "params": "minimize",
+    "latency": "minimize",
+}
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 DEVICE_AUTO = "auto"
 _NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder")
@@ -76,7 +84,8 @@ class LayerRule:
 class SpaceConfig:
     """A search space: target layers, allowed methods, ratio / rank choices per layer.
 
-    ``shift_prune`` is validated and stored but not used by the search yet.
+    ``shift_prune``: range of the fraction of intermediate channels removed from each shift
+    block (and from layers decomposed into shift blocks); ``None`` disables pruning.
     """
 
     include: tuple[str, ...] = ("*",)
@@ -121,7 +130,12 @@ class BaselineConfig:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """The per-trial accuracy proxy: BN recalibration, short distillation, evaluation."""
+    """The per-trial accuracy proxy: BN recalibration, short distillation, evaluation.
+
+    Zero-training scores are computed on ``calibration_size`` fixed training images (0
+    turns them off); a trial whose whole-network output error exceeds ``max_output_error``
+    is pruned before any training (``None``: never).
+    """
 
     steps: int = 100
     lr: float = 0.01
@@ -134,17 +148,24 @@ class ProxyConfig:
     accuracy_floor: float = 0.0
     floor_step: int = 0
     floor_batches: int = 2
+    calibration_size: int = 64
+    max_output_error: float | None = None
 
 
 @dataclass(frozen=True)
 class Budgets:
-    """Upper limits; a value <= 1 is a fraction of the baseline, a larger one an absolute count."""
+    """Upper limits; a value <= 1 is a fraction of the baseline, a larger one an absolute count.
+
+    ``max_latency_ms`` is always absolute: median milliseconds per batch (see
+    :class:`LatencyConfig`).
+    """
 
     max_macs: float | None = None
     max_params: float | None = None
+    max_latency_ms: float | None = None
 
     def limits(self, baseline_macs: int, baseline_params: int) -> dict[str, float]:
-        """Absolute limits keyed by ``"macs"`` / ``"params"`` (only the budgets that are set)."""
+        """Absolute limits keyed by ``"macs"`` / ``"params"`` / ``"latency"`` (those set)."""
         out = {}
         for key, value, base in (
             ("macs", self.max_macs, baseline_macs),
@@ -152,7 +173,26 @@ class Budgets:
         ):
             if value is not None:
                 out[key] = value * base if value <= 1 else value
+        if self.max_latency_ms is not None:
+            out["latency"] = self.max_latency_ms
         return out
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How inference latency is measured (median over ``repeats`` after ``warmup`` runs).
+
+    Measured when ``latency`` is an objective, ``budgets.max_latency_ms`` is set, or
+    ``measure`` is true: on the CPU with ``threads`` intra-op threads, and also on the
+    study's GPU when it runs on one; ``device`` picks the one the objective / budget uses.
+    """
+
+    batch_size: int = 1
+    warmup: int = 5
+    repeats: int = 20
+    threads: int = 1
+    device: str = "cpu"
+    measure: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,10 +230,20 @@ class StudyConfig:
     seed: int = 0
     threads: int | None = None
     warm_start: tuple[WarmStart, ...] = ()
+    latency: LatencyConfig = LatencyConfig()
 
     @property
     def directions(self) -> list[str]:
         return [OBJECTIVES[o] for o in self.objectives]
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether trials measure latency (an objective, a budget, or asked for)."""
+        return (
+            "latency" in self.objectives
+            or self.budgets.max_latency_ms is not None
+            or self.latency.measure
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (paths relative to the study folder), stored on the study."""
@@ -335,7 +385,8 @@ def _ratio_range(value: Any, where: str, *, lo_min: float = 0.0, open_lo: bool =
     lo = _float(pair[0], f"{where}.range[0]", lo=lo_min)
     hi = _float(pair[1], f"{where}.range[1]", lo=lo_min)
     if (open_lo and lo <= lo_min) or hi < lo:
-        raise ConfigError(f"{where}.range must satisfy {lo_min} < lo <= hi, got {_show(pair)}")
+        bound = f"{lo_min} {'<' if open_lo else '<='} lo <= hi"
+        raise ConfigError(f"{where}.range must satisfy {bound}, got {_show(pair)}")
     log = _bool(raw.get("log", False), f"{where}.log")
     step = raw.get("step")
     if step is not None:
@@ -346,11 +397,12 @@ def _ratio_range(value: Any, where: str, *, lo_min: float = 0.0, open_lo: bool =
 
 
 def _shift_range(value: Any, where: str) -> RatioRange:
-    """Placeholder for shift-layer pruning: the fraction of intermediate channels removed."""
-    raw = _mapping(value, where, ("range",))
-    pruned = _ratio_range({"range": raw.get("range")}, where, open_lo=False)
+    """Shift-layer pruning: the fraction of a shift block's intermediate channels removed."""
+    pruned = _ratio_range(value, where, open_lo=False)
     if pruned.hi >= 1:
         raise ConfigError(f"{where}.range must lie in [0, 1), got {[pruned.lo, pruned.hi]}")
+    if pruned.log and pruned.lo <= 0:
+        raise ConfigError(f"{where}: 'log' needs range[0] > 0, got {[pruned.lo, pruned.hi]}")
     return pruned
 
 
@@ -453,6 +505,7 @@ _STUDY_KEYS = (
     "device",
     "threads",
     "warm_start",
+    "latency",
 )
 
 
@@ -531,6 +584,8 @@ def _proxy(raw: Any) -> ProxyConfig:
             "accuracy_floor": lambda v, w: _float(v, w, 0.0, 1.0),
             "floor_step": _int,
             "floor_batches": lambda v, w: _int(v, w, 1),
+            "calibration_size": _int,
+            "max_output_error": lambda v, w: None if v is None else _positive(v, w),
         },
     )
     if proxy.accuracy_floor > 0 and not (1 <= proxy.floor_step <= proxy.steps):
@@ -538,7 +593,30 @@ def _proxy(raw: Any) -> ProxyConfig:
             f"proxy.floor_step must be in [1, proxy.steps={proxy.steps}] when "
             f"proxy.accuracy_floor > 0, got {proxy.floor_step}"
         )
+    if proxy.max_output_error is not None and proxy.calibration_size < 1:
+        raise ConfigError("proxy.max_output_error needs proxy.calibration_size >= 1, got 0")
     return proxy
+
+
+def _latency(raw: Any, device: str) -> LatencyConfig:
+    latency = _dataclass_section(
+        LatencyConfig,
+        raw,
+        "latency",
+        {
+            "batch_size": lambda v, w: _int(v, w, 1),
+            "warmup": _int,
+            "repeats": lambda v, w: _int(v, w, 1),
+            "threads": lambda v, w: _int(v, w, 1),
+            "device": _str,
+            "measure": _bool,
+        },
+    )
+    if latency.device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown latency.device {latency.device!r}; valid: cpu, cuda")
+    if latency.device == "cuda" and not device.startswith("cuda"):
+        raise ConfigError(f"latency.device 'cuda' needs the study on a GPU (device: {device})")
+    return latency
 
 
 def _objectives(raw: Any) -> tuple[str, ...]:
@@ -607,7 +685,7 @@ def _storage(raw: Any, folder: Path) -> str:
     if "://" not in url:
         raise ConfigError(
             f"storage {url!r} is not a database URL (e.g. sqlite:///study.db, "
-            "postgresql://user@host/db)"
+            "journal:///study.journal, postgresql://user@host/db)"
         )
     return url
 
@@ -661,6 +739,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     if "model" not in raw:
         raise ConfigError("study needs a 'model' (e.g. model: {name: digits_cnn})")
     seed = _int(raw.get("seed", 0), "seed")
+    device = _device(raw.get("device", "cpu"))
     return StudyConfig(
         name=_str(raw.get("name", folder.name), "name"),
         folder=folder,
@@ -670,14 +749,63 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         space=_space(raw.get("space", {}), folder),
         proxy=_proxy(raw.get("proxy")),
         budgets=_dataclass_section(
-            Budgets, raw.get("budgets"), "budgets", {"max_macs": _count, "max_params": _count}
+            Budgets,
+            raw.get("budgets"),
+            "budgets",
+            {
+                "max_macs": _count,
+                "max_params": _count,
+                "max_latency_ms": lambda v, w: None if v is None else _positive(v, w),
+            },
         ),
         objectives=_objectives(raw.get("objectives", ["accuracy", "macs"])),
         sampler=_sampler(raw.get("sampler", "tpe"), seed),
         trials=_int(raw.get("trials", 20), "trials", 1),
         storage=_storage(raw.get("storage"), folder),
-        device=_device(raw.get("device", "cpu")),
+        device=device,
         seed=seed,
         threads=None if raw.get("threads") is None else _int(raw["threads"], "threads", 1),
         warm_start=_warm_start(raw.get("warm_start", [])),
+        latency=_latency(raw.get("latency"), device),
     )
+
+
+# ---- a study's stored config -----------------------------------------------------------------
+def _rebuild(kind: Any, value: Any, folder: Path, where: str) -> Any:
+    """Inverse of ``_jsonable(asdict(...))`` for a value annotated ``kind``."""
+    origin, args = get_origin(kind), get_args(kind)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):  # X | None
+        return _rebuild(next(a for a in args if a is not type(None)), value, folder, where)
+    if kind is Path:
+        return Path(os.path.normpath(folder / value))
+    if is_dataclass(kind):
+        hints = get_type_hints(kind)
+        _mapping(value, where, [f.name for f in fields(kind)])
+        return kind(**{k: _rebuild(hints[k], v, folder, f"{where}.{k}") for k, v in value.items()})
+    if origin is tuple:
+        return tuple(_rebuild(args[0], item, folder, where) for item in value)
+    if origin is dict:
+        return {k: _rebuild(args[1], item, folder, f"{where}.{k}") for k, item in value.items()}
+    return value
+
+
+def config_from_dict(
+    stored: Mapping[str, Any], folder: str | os.PathLike[str], *, device: str | None = None
+) -> StudyConfig:
+    """Rebuild the :class:`StudyConfig` stored on a study (the inverse of ``to_dict``).
+
+    Args:
+        stored: ``StudyConfig.to_dict()`` output, e.g. a study's ``config`` user attribute.
+        folder: the study folder; the stored paths are relative to it.
+        device: replaces the stored device (validated like ``device`` in ``study.yaml``).
+    """
+    folder = Path(folder).expanduser().resolve()
+    try:
+        cfg = _rebuild(StudyConfig, {**stored, "folder": "."}, folder, "stored config")
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"stored config does not fit this version of autodecomp: {err}") from None
+    return cfg if device is None else replace(cfg, device=_device(device))

@@ -17,9 +17,11 @@ The default format is one ``torch.save`` file of plain containers and tensors, s
 :func:`load` builds the dense skeleton with ``get_model`` and puts an uninitialised layer of
 each planned method at its recorded rank in place (``empty_like``: the structure of a layer
 is a function of its spec and final rank, so no original weight or factorisation is
-needed), then loads the state dict strictly. ``sha256`` covers the metadata and every
-tensor; a mismatch (an edited or corrupted file) is refused before anything is built. It
-detects modification, it does not authenticate the author: anyone can recompute it.
+needed), and shrinks each pruned shift block to its recorded direction-group sizes
+(``{"method": "prune", "rank": sizes}``), then loads the state dict strictly. ``sha256``
+covers the metadata and every tensor; a mismatch (an edited or corrupted file) is refused
+before anything is built. It detects modification, it does not authenticate the author:
+anyone can recompute it.
 
 ``--format torch-export`` writes a ``torch.export`` program (``.pt2``, the metadata as the
 extra file ``autodecomp.json``; load with ``torch.export.load(path).module()``); ``--format
@@ -48,6 +50,7 @@ from .config import ConfigError
 from .decompositions import ConvSpec, DecomposedConv, get_method
 from .files import atomic_write
 from .models import get_model
+from .prune import PRUNE, prune_to_sizes
 from .surgery import KEEP, replace_module
 
 __all__ = [
@@ -79,13 +82,17 @@ def explicit_plan(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, dict[s
 
     Ratios resolve to ranks through the weights (e.g. ``shift`` spreads channels over slices
     by singular values, ``gkpd`` picks its factor shapes), so only the built layer knows
-    the rank that reproduces its structure.
+    the rank that reproduces its structure. A pruned shift block is recorded as
+    ``{"method": "prune", "rank": its direction-group sizes}``; a pruned decomposed layer's
+    rank already is its pruned structure.
     """
     out: dict[str, dict[str, Any]] = {}
-    for name in plan:
+    for name, entry in plan.items():
         module = model.get_submodule(name)
         if isinstance(module, DecomposedConv):
             out[name] = {"method": module.name, "rank": _jsonable(module.rank)}
+        elif entry["method"] == PRUNE:
+            out[name] = {"method": PRUNE, "rank": list(module.shift.group_sizes)}
         else:
             out[name] = {"method": KEEP}
     return out
@@ -105,8 +112,11 @@ def _skeleton(meta: Mapping[str, Any]) -> nn.Module:
     model = get_model(
         ref["name"], num_classes=ref["num_classes"], in_channels=ref["in_channels"], **ref["kwargs"]
     )
+    for name, entry in meta["plan"].items():  # blocks first, as apply_plan does
+        if entry["method"] == PRUNE:
+            replace_module(model, name, prune_to_sizes(model.get_submodule(name), entry["rank"]))
     for name, entry in meta["plan"].items():
-        if entry["method"] == KEEP:
+        if entry["method"] in (KEEP, PRUNE):
             continue
         conv = model.get_submodule(name)
         cls, spec = get_method(entry["method"]), ConvSpec.from_conv(conv)

@@ -1,19 +1,31 @@
 """One trial: plan -> compressed model -> cost and budget constraints -> proxy accuracy.
 
 Per trial: draw a plan (:mod:`autodecomp.space`), apply it to the baseline, count MACs
-(fvcore, layer by layer with a cache: :class:`PlanCost`) and parameters, and set one
-constraint per budget (``value / limit - 1``, <= 0 is feasible) before anything else can
-end the trial. A candidate over budget is not trained: it returns
-accuracy 0.0 with ``over_budget=True`` (the constraints already exclude it from the Pareto
-front, and a zero keeps the samplers away from it). Otherwise: recalibrate BatchNorm
-statistics, measure the pre-fine-tune accuracy, distil from the baseline for the configured
-steps (pruned with :class:`optuna.TrialPruned` when the accuracy at ``floor_step`` is below
-``accuracy_floor``), and evaluate on the validation split.
+(fvcore, layer by layer with a cache: :class:`PlanCost`) and parameters, measure latency
+when the study uses it (:mod:`autodecomp.latency`), and set one constraint per budget
+(``value / limit - 1``, <= 0 is feasible) before anything else can end the trial. A
+candidate over budget is not trained: it returns accuracy 0.0 with ``over_budget=True``
+(the constraints already exclude it from the Pareto front, and a zero keeps the samplers
+away from it). Otherwise the fidelities rise step by step, and a hopeless candidate is
+dropped with :class:`optuna.TrialPruned` as early as possible:
+
+1. zero-training scores on the calibration batch (:mod:`autodecomp.proxies`); pruned
+   (``pruned_at="output_error"``) when the whole-network output error exceeds
+   ``proxy.max_output_error``;
+2. BatchNorm recalibration and the pre-fine-tune accuracy;
+3. distillation from the baseline; at ``floor_step`` the accuracy on ``floor_batches``
+   validation batches is recorded, and the trial is pruned (``pruned_at="floor"``) when
+   it is below ``accuracy_floor``;
+4. the validation accuracy after the full ``steps``: the search's accuracy objective.
 
 User attributes per trial: ``plan``, ``macs``, ``params``, ``macs_ratio`` and
-``params_ratio`` (compressed / baseline), ``over_budget``, ``pre_ft_accuracy``, ``layers``
-(per layer: method, rank, ratio, rel_error = ||W_approx - W|| / ||W||, macs, params),
-``seconds`` (per phase), and ``pruned`` / ``fail_reason`` when the trial ends early.
+``params_ratio`` (compressed / baseline), ``latency_ms`` (``{"cpu": ms[, "cuda": ms]}``,
+when measured), ``over_budget``, ``layers`` (per layer or pruned shift block: method, rank
+(a block's: its direction-group sizes), ratio, prune, rel_error = ||W_approx - W|| / ||W||,
+output_error, macs, params), ``kernel_error`` and
+``layer_output_error`` (means over the searched layers, kept ones counting 0),
+``output_error`` and ``output_kl``, ``pre_ft_accuracy``, ``floor_accuracy``, ``seconds``
+(per phase), and ``pruned`` / ``pruned_at`` / ``fail_reason`` when the trial ends early.
 """
 
 from __future__ import annotations
@@ -39,6 +51,9 @@ from .decompositions import (
     DecompositionError,
     UnsupportedLayerError,
 )
+from .latency import LatencyMeter, structure_key
+from .proxies import Calibration, calibration_batch, kernel_errors, mean_error
+from .prune import PRUNE
 from .space import SearchSpace, suggest_plan
 from .surgery import apply_plan
 
@@ -99,13 +114,23 @@ def _input_shapes(
     return shapes
 
 
+def _final_rank(module: nn.Module, method: str) -> Any:
+    """A decomposed layer's final rank, a pruned shift block's group sizes, else None."""
+    if isinstance(module, DecomposedConv):
+        return _rank_json(module.rank)
+    if method == PRUNE:
+        return list(module.shift.group_sizes)
+    return None
+
+
 class PlanCost:
     """MACs and parameters of a compressed model, counted by fvcore one layer at a time.
 
     The total is the baseline's fvcore count with each planned layer's dense count swapped
     for the count of its replacement, taken on that layer's input shape and cached by
     (layer, method, rank): a layer's structure is a function of its spec and its final rank
-    (``DecomposedConv.__init__(spec, rank)``), so the sum equals ``count_macs`` of the whole
+    (``DecomposedConv.__init__(spec, rank)``), and a pruned shift block's of its
+    direction-group sizes (its "rank"), so the sum equals ``count_macs`` of the whole
     compressed model while tracing only layers not seen before.
     """
 
@@ -115,10 +140,10 @@ class PlanCost:
         self._dense = {n: count_macs(model.get_submodule(n), self.shapes[n]) for n in layers}
         self._cache: dict[tuple[str, str, str], int] = {}
 
-    def _layer_macs(self, name: str, module: nn.Module) -> int:
-        if not isinstance(module, DecomposedConv):
+    def _layer_macs(self, name: str, module: nn.Module, method: str, rank: Any) -> int:
+        if rank is None:
             return self._dense[name]
-        key = (name, module.name, json.dumps(_rank_json(module.rank), sort_keys=True))
+        key = (name, method, json.dumps(rank, sort_keys=True))
         if key not in self._cache:
             self._cache[key] = count_macs(module, self.shapes[name])
         return self._cache[key]
@@ -130,29 +155,19 @@ class PlanCost:
         macs, layers = self.macs, {}
         for name, entry in plan.items():
             module = compressed.get_submodule(name)
-            layer_macs = self._layer_macs(name, module)
+            rank = _final_rank(module, entry["method"])
+            layer_macs = self._layer_macs(name, module, entry["method"], rank)
             macs += layer_macs - self._dense[name]
             layers[name] = {
                 "method": entry["method"],
-                "rank": _rank_json(module.rank) if isinstance(module, DecomposedConv) else None,
+                "rank": rank,
                 "ratio": entry.get("ratio"),
+                "prune": entry.get("prune"),
                 "rel_error": 0.0,
                 "macs": layer_macs,
                 "params": count_params(module),
             }
         return macs, count_params(compressed), layers
-
-
-@torch.no_grad()
-def _fill_errors(teacher: nn.Module, model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Set ``rel_error`` = ||dense_weight - W|| / ||W|| of every decomposed layer."""
-    for name, record in layers.items():
-        module = model.get_submodule(name)
-        if not isinstance(module, DecomposedConv):
-            continue
-        dense = teacher.get_submodule(name).weight.double()
-        approx = module.dense_weight().double()
-        record["rel_error"] = float((approx - dense).norm() / dense.norm().clamp_min(1e-30))
 
 
 class Objective:
@@ -170,6 +185,14 @@ class Objective:
         self.floor_loader = make_loader(
             Subset(splits.val, range(floor_n)), batch_size=p.eval_batch_size, shuffle=False
         )
+        self.calibration = None
+        if p.calibration_size > 0:
+            inputs = calibration_batch(splits.train, p.calibration_size, cfg.seed)
+            self.calibration = Calibration(baseline.model, inputs, cfg.device)
+        self.latency = None
+        if cfg.measures_latency:
+            self.latency = LatencyMeter(cfg.latency, baseline.input_shape, cfg.device)
+        self._latency_study: str | None = None  # the study whose stored latencies are cached
 
     def _train_loader(self, seed: int):
         return make_loader(
@@ -181,8 +204,8 @@ class Objective:
             drop_last=len(self.splits.train) > self.cfg.proxy.batch_size,
         )
 
-    def _values(self, accuracy: float, macs: int, params: int) -> tuple[float, ...]:
-        named = {"accuracy": float(accuracy), "macs": float(macs), "params": float(params)}
+    def _values(self, accuracy: float, cost: dict[str, float]) -> tuple[float, ...]:
+        named = {"accuracy": float(accuracy), **{k: float(v) for k, v in cost.items()}}
         return tuple(named[o] for o in self.cfg.objectives)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -195,8 +218,28 @@ class Objective:
         finally:
             trial.set_user_attr("seconds", clock.record())
 
+    def _measure_latency(
+        self, trial: optuna.Trial, model: nn.Module, layers: dict[str, dict[str, Any]]
+    ) -> dict[str, float]:
+        """Latency of ``model`` (cached per structure); the baseline's is put on the study."""
+        meter = self.latency
+        assert meter is not None
+        study = getattr(trial, "study", None)
+        if study is not None and self._latency_study != study.study_name:
+            self._latency_study = study.study_name
+            for past in study.get_trials(deepcopy=False):
+                attrs = past.user_attrs
+                if attrs.get("latency_ms") and attrs.get("layers"):
+                    meter.remember(structure_key(attrs["layers"]), attrs["latency_ms"])
+            stored = study.user_attrs.get("baseline_latency_ms")
+            if stored:
+                meter.remember("baseline", stored)
+            else:
+                study.set_user_attr("baseline_latency_ms", meter(self.baseline.model, "baseline"))
+        return meter(model, structure_key(layers))
+
     def _run(self, trial: optuna.Trial, clock: _Clock) -> tuple[float, ...]:
-        cfg, base, device = self.cfg, self.baseline, self.cfg.device
+        base = self.baseline
         with clock("plan"):
             plan = suggest_plan(trial, self.space)
         trial.set_user_attr("plan", plan)
@@ -204,23 +247,61 @@ class Objective:
             model = apply_plan(base.model, plan)
         with clock("count"):
             macs, params, layers = self.cost(model, plan)
-        cost = {"macs": macs, "params": params}
+        cost: dict[str, float] = {"macs": macs, "params": params}
+        latency = None
+        if self.latency is not None:
+            with clock("latency"):
+                latency = self._measure_latency(trial, model, layers)
+            cost["latency"] = self.latency.value(latency)
         for key, limit in self.limits.items():
             trial.set_constraint(key, cost[key] / limit - 1.0)
         over = any(cost[key] > limit for key, limit in self.limits.items())
-        with clock("decompose"):
-            _fill_errors(base.model, model, layers)
+        with clock("proxy"):
+            scores = self._scores(model, layers, trained=not over)
         with clock("record"):
             trial.set_user_attr("macs", macs)
             trial.set_user_attr("params", params)
             trial.set_user_attr("macs_ratio", macs / base.macs)
             trial.set_user_attr("params_ratio", params / base.params)
+            if latency is not None:
+                trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("over_budget", over)
             trial.set_user_attr("layers", layers)
+            for key, value in scores.items():
+                trial.set_user_attr(key, value)
         if over:
-            return self._values(0.0, macs, params)
+            return self._values(0.0, cost)
+        limit = self.cfg.proxy.max_output_error
+        if limit is not None and scores["output_error"] > limit:
+            self._prune(
+                trial, "output_error", f"output error {scores['output_error']:.3f} > {limit}"
+            )
+        return self._values(self._finetune(trial, model, clock), cost)
 
-        p = cfg.proxy
+    def _scores(
+        self, model: nn.Module, layers: dict[str, dict[str, Any]], *, trained: bool
+    ) -> dict[str, float]:
+        """Zero-training scores; per-layer errors go into ``layers``.
+
+        Kernel errors always; the calibration-batch output errors only for a candidate that
+        will be trained (an over-budget one never is).
+        """
+        kernel = kernel_errors(self.baseline.model, model, layers)
+        for name, record in layers.items():
+            record["rel_error"] = kernel.get(name, 0.0)
+        scores = {"kernel_error": mean_error(kernel, layers)}
+        if self.calibration is None or not trained:
+            return scores
+        outputs = self.calibration.layer_output_errors(model, layers)
+        for name, record in layers.items():
+            record["output_error"] = outputs.get(name, 0.0)
+        scores["layer_output_error"] = mean_error(outputs, layers)
+        scores.update(self.calibration.output_errors(model))
+        return scores
+
+    def _finetune(self, trial: optuna.Trial, model: nn.Module, clock: _Clock) -> float:
+        """BatchNorm recalibration, pre-fine-tune accuracy, distillation, final accuracy."""
+        cfg, device, p = self.cfg, self.cfg.device, self.cfg.proxy
         train.set_seed(cfg.seed + trial.number)
         if p.bn_batches > 0:
             with clock("bn_recal"):
@@ -233,31 +314,36 @@ class Objective:
         with clock("pre_eval"):
             pre = train.evaluate(model, self.val_loader, device=device)
         trial.set_user_attr("pre_ft_accuracy", pre)
-        if p.steps > 0:
-            with clock("distill"):
-                train.distill(
-                    model,
-                    base.model,
-                    self._train_loader(cfg.seed + trial.number + 1),
-                    steps=p.steps,
-                    lr=p.lr,
-                    temperature=p.temperature,
-                    alpha=p.alpha,
-                    weight_decay=p.weight_decay,
-                    device=device,
-                    callback=self._callback(trial, model, clock),
-                )
-            with clock("eval"):
-                accuracy = train.evaluate(model, self.val_loader, device=device)
-        else:
-            accuracy = pre
-        return self._values(accuracy, macs, params)
+        if p.steps == 0:
+            return pre
+        with clock("distill"):
+            train.distill(
+                model,
+                self.baseline.model,
+                self._train_loader(cfg.seed + trial.number + 1),
+                steps=p.steps,
+                lr=p.lr,
+                temperature=p.temperature,
+                alpha=p.alpha,
+                weight_decay=p.weight_decay,
+                device=device,
+                callback=self._callback(trial, model, clock),
+            )
+        with clock("eval"):
+            return train.evaluate(model, self.val_loader, device=device)
+
+    @staticmethod
+    def _prune(trial: optuna.Trial, stage: str, reason: str) -> None:
+        trial.set_user_attr("pruned", reason)
+        trial.set_user_attr("pruned_at", stage)
+        raise optuna.TrialPruned(reason)
 
     def _callback(self, trial: optuna.Trial, model: nn.Module, clock: _Clock):
+        """Record the accuracy at ``floor_step`` (when >= 1); prune below ``accuracy_floor``."""
         p, checked = self.cfg.proxy, []
 
         def callback(step: int, loss: float) -> None:
-            if p.accuracy_floor <= 0 or checked or step < p.floor_step:
+            if p.floor_step < 1 or checked or step < p.floor_step:
                 return
             checked.append(step)
             with clock("floor_eval"):
@@ -265,7 +351,6 @@ class Objective:
             trial.set_user_attr("floor_accuracy", accuracy)
             if accuracy < p.accuracy_floor:
                 reason = f"accuracy {accuracy:.3f} < floor {p.accuracy_floor} at step {step}"
-                trial.set_user_attr("pruned", reason)
-                raise optuna.TrialPruned(reason)
+                self._prune(trial, "floor", reason)
 
         return callback

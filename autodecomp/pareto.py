@@ -1,10 +1,15 @@
 """Study results as pandas tables: every trial, every layer of every trial, the Pareto front.
 
 - ``trials.csv``: one row per trial: number, state, objectives, constraints and
-  feasibility, compression ratios (compressed / baseline), pre-fine-tune accuracy, time,
-  why it ended early, and ``<layer>/method`` / ``<layer>/rank`` columns.
-- ``layers.csv``: long table, one row per (trial, layer): method, rank, ratio, rel_error,
-  macs, params.
+  feasibility, measured latency (``latency_cpu_ms`` / ``latency_cuda_ms``, when measured),
+  compression ratios (compressed / baseline), the cheap proxies (pre-fine-tune accuracy,
+  kernel / layer output / network output error, output KL, accuracy at the floor step),
+  time, why and at which stage it ended early, and ``<layer>/method`` / ``<layer>/rank``
+  (and ``<layer>/prune`` for shift-pruned entries).
+- ``layers.csv``: long table, one row per (trial, layer or pruned shift block): method,
+  rank (a pruned block's: its direction-group sizes), ratio, prune (the fraction of shift
+  channels removed), rel_error (kernel), output_error (layer output on the calibration
+  batch), macs, params.
 - ``pareto.csv``: the feasible non-dominated trials (``study.best_trials``) sorted by MACs,
   with the plan as JSON so any row can be rebuilt with :func:`autodecomp.apply_plan`.
 """
@@ -23,13 +28,24 @@ import pandas as pd
 from .files import atomic_write
 
 __all__ = [
+    "PROXY_ATTRS",
     "format_front",
+    "latency_columns",
     "layers_frame",
     "pareto_frame",
     "plan_summary",
     "trials_frame",
     "write_tables",
 ]
+
+# Cheap proxy scores a trial records (see autodecomp.objective), besides pre_ft_accuracy.
+PROXY_ATTRS = (
+    "kernel_error",
+    "layer_output_error",
+    "output_error",
+    "output_kl",
+    "floor_accuracy",
+)
 
 
 def _objective_names(study: optuna.Study) -> list[str]:
@@ -45,11 +61,18 @@ def _cell(value: Any) -> Any:
 
 
 def plan_summary(plan: Mapping[str, Mapping[str, Any]] | None) -> str:
-    """Method counts of a plan, e.g. ``"keep:1 tucker:3"``."""
+    """Method counts of a plan, e.g. ``"keep:1 tucker:3"``, and the mean shift-pruning ratio
+    of its pruned entries, e.g. ``"prune:9 tucker:3 mean_prune:0.31"``."""
     counts: dict[str, int] = {}
+    pruned = []
     for entry in (plan or {}).values():
         counts[entry["method"]] = counts.get(entry["method"], 0) + 1
-    return " ".join(f"{m}:{n}" for m, n in sorted(counts.items()))
+        if entry.get("prune") is not None:
+            pruned.append(entry["prune"])
+    parts = [f"{m}:{n}" for m, n in sorted(counts.items())]
+    if pruned:
+        parts.append(f"mean_prune:{sum(pruned) / len(pruned):.2f}")
+    return " ".join(parts)
 
 
 def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
@@ -59,6 +82,8 @@ def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
     row["accuracy"] = values.get("accuracy")
     row["macs"] = attrs.get("macs")
     row["params"] = attrs.get("params")
+    for kind, ms in (attrs.get("latency_ms") or {}).items():
+        row[f"latency_{kind}_ms"] = ms
     constraints = trial.constraints
     for key, value in sorted(constraints.items()):
         row[f"constraint_{key}"] = value
@@ -66,13 +91,18 @@ def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
     row["macs_ratio"] = attrs.get("macs_ratio")
     row["params_ratio"] = attrs.get("params_ratio")
     row["pre_ft_accuracy"] = attrs.get("pre_ft_accuracy")
+    for proxy in PROXY_ATTRS:
+        row[proxy] = attrs.get(proxy)
     row["over_budget"] = attrs.get("over_budget")
     row["seconds"] = (attrs.get("seconds") or {}).get("total")
     row["ended"] = attrs.get("pruned") or attrs.get("fail_reason")
+    row["pruned_at"] = attrs.get("pruned_at")
     row["methods"] = plan_summary(attrs.get("plan"))
     for layer, rec in (attrs.get("layers") or {}).items():
         row[f"{layer}/method"] = rec["method"]
         row[f"{layer}/rank"] = _cell(rec["rank"])
+        if rec.get("prune") is not None:
+            row[f"{layer}/prune"] = rec["prune"]
     return row
 
 
@@ -97,12 +127,15 @@ def layers_frame(study: optuna.Study) -> pd.DataFrame:
                     "method": rec["method"],
                     "rank": _cell(rec["rank"]),
                     "ratio": rec["ratio"],
+                    "prune": rec.get("prune"),
                     "rel_error": rec["rel_error"],
+                    "output_error": rec.get("output_error"),
                     "macs": rec["macs"],
                     "params": rec["params"],
                 }
             )
-    columns = ["trial", "state", "layer", "method", "rank", "ratio", "rel_error", "macs", "params"]
+    columns = ["trial", "state", "layer", "method", "rank", "ratio", "prune", "rel_error"]
+    columns += ["output_error", "macs", "params"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -156,7 +189,16 @@ def format_front(front: pd.DataFrame) -> str:
             "MACs x": front["macs_ratio"].map("{:.3f}".format),
             "params": front["params"].map(lambda v: f"{int(v):,}"),
             "params x": front["params_ratio"].map("{:.3f}".format),
-            "methods": front["methods"],
         }
     )
+    for column in latency_columns(front):
+        shown[column.replace("_ms", " ms").replace("_", " ")] = front[column].map(
+            lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}"
+        )
+    shown["methods"] = front["methods"]
     return shown.to_string(index=False)
+
+
+def latency_columns(frame: pd.DataFrame) -> list[str]:
+    """The measured-latency columns of a trials / front table (``latency_<device>_ms``)."""
+    return [c for c in frame.columns if c.startswith("latency_") and c.endswith("_ms")]

@@ -106,6 +106,8 @@ def plot_hypervolume(history: pd.DataFrame, path: Path) -> Path:
 def _cell_text(record: Mapping[str, Any]) -> str:
     if record["method"] == "keep":
         return ""
+    if record.get("prune") is not None and record["method"] == "prune":
+        return f"p{record['prune']:.2f}"
     if record.get("ratio") is not None:
         return f"{record['ratio']:.2f}"
     return json.dumps(record.get("rank"), separators=(",", ":"))

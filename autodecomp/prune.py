@@ -1,11 +1,14 @@
 """Shift-layer pruning: drop intermediate channels of shift blocks, per shift direction group.
 
-A *shift block* is ``1x1 (C -> E) [-> BN -> ReLU] -> shift -> 1x1 (E -> F)``: the built-in
-:class:`~autodecomp.shift.ShiftBlock` (ShiftResNets) or a layer decomposed with the ``shift``
-method. Pruning at ratio ``p`` removes ``round(p * E)`` (half up) of the ``E`` intermediate
-channels: rows of the first 1x1, BN entries, the channels of their shift group, columns of the
-last 1x1. The result is a smaller standalone block with real smaller tensors; in eval mode its
-output equals the original block's with the removed channels' columns of the last 1x1 zeroed.
+A *shift block* is any module with children ``first`` (dense 1x1 conv, ``C -> E``), optionally
+``bn`` (BatchNorm over the ``E`` channels), ``shift`` (a :class:`~autodecomp.shift.Shift`) and
+``last`` (dense 1x1 conv, ``E -> F``) whose forward is ``last(shift(act(bn(first(x)))))`` with
+a channel-wise ``act``: the built-in :class:`~autodecomp.shift.ShiftBlock` (ShiftResNets), a
+layer decomposed with the ``shift`` method, or a user module following that protocol. Pruning
+at ratio ``p`` removes ``round(p * E)`` (half up) of the ``E`` intermediate channels: rows of
+the first 1x1, BN entries, the channels of their shift group, columns of the last 1x1. The
+result is a smaller standalone block with real smaller tensors; in eval mode its output equals
+the original block's with the removed channels' columns of the last 1x1 zeroed.
 
 Channels are ranked by the saliency ``||first row|| * |gamma| / sqrt(var + eps) * ||last
 column||`` (no BN factor without BN running statistics). For a layer fresh from the ``shift``
@@ -18,47 +21,80 @@ below ``p * size`` (least salient next candidate first), and every non-empty gro
 least one channel, so the number removed is ``min(round(p * E), E - non-empty groups)``.
 ``scope="global"`` removes the least salient channels of the whole block (at most ``E - 1``);
 groups may empty.
+
+In a plan (:func:`autodecomp.apply_plan`) a shift block is pruned by the entry ``{"method":
+"prune", "prune": p}``, or to explicit direction-group sizes by ``{"method": "prune", "rank":
+[sizes]}`` (the most salient channels of each group; what an export records); a conv
+decomposed by a method that builds shift blocks takes an extra ``"prune": p``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from .decompositions import get_method, methods
 from .decompositions.shift import SliceShiftConv
-from .shift import Shift, ShiftBlock
+from .shift import Shift
 from .surgery import replace_module
 
 __all__ = [
+    "PRUNE",
     "channel_saliency",
+    "is_shift_block",
     "kept_channels",
+    "prunable_methods",
+    "prune_entry",
     "prune_model",
     "prune_shift_block",
+    "prune_to_sizes",
     "shift_blocks",
 ]
 
-_SHIFT_BLOCKS = (ShiftBlock, SliceShiftConv)
+PRUNE = "prune"  # the plan method of a pruned shift block
 _CRITERIA = ("norm",)
 _SCOPES = ("group", "global")
 
 
+def _dense_1x1(conv: Any) -> bool:
+    return type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1
+
+
+def is_shift_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a prunable shift block (see the module doc)."""
+    return isinstance(getattr(module, "shift", None), Shift) and all(
+        _dense_1x1(getattr(module, part, None)) for part in ("first", "last")
+    )
+
+
 def shift_blocks(model: nn.Module) -> list[str]:
-    """Names of the prunable shift blocks of ``model`` (built-in or ``shift``-decomposed)."""
-    return [name for name, module in model.named_modules() if isinstance(module, _SHIFT_BLOCKS)]
+    """Names of the prunable shift blocks of ``model`` (built-in, ``shift``-decomposed, or
+    any module following the protocol of the module doc), in model order."""
+    return [name for name, module in model.named_modules() if is_shift_block(module)]
+
+
+def prunable_methods() -> list[str]:
+    """Registered methods whose decomposed layer is a shift block (a plan may prune it)."""
+    return [m for m in methods() if issubclass(get_method(m), SliceShiftConv)]
 
 
 def _parts(block: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, Shift, nn.Conv2d]:
-    if not isinstance(block, _SHIFT_BLOCKS):
+    if not all(
+        isinstance(getattr(block, part, None), kind)
+        for part, kind in (("first", nn.Module), ("shift", Shift), ("last", nn.Module))
+    ):
         raise TypeError(
-            f"expected a ShiftBlock or a 'shift'-decomposed layer, got {type(block).__name__}"
+            "expected a shift block (children first, shift: Shift, last), got "
+            f"{type(block).__name__}"
         )
     first, last = block.first, block.last
     for conv in (first, last):
-        if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.groups != 1:
+        if not _dense_1x1(conv):
             raise ValueError(
                 "a shift block's first/last layers must be dense 1x1 nn.Conv2d to be pruned "
                 f"(got {conv!r}); prune before decomposing them"
@@ -167,22 +203,8 @@ def _sliced_bn(bn: nn.BatchNorm2d, idx: torch.Tensor, like: torch.Tensor) -> nn.
     return new.train(bn.training)
 
 
-def prune_shift_block(
-    block: nn.Module, ratio: float, *, criterion: str = "norm", scope: str = "group"
-) -> nn.Module:
-    """A copy of ``block`` without its least salient intermediate channels.
-
-    Args:
-        block: a :class:`~autodecomp.shift.ShiftBlock` or a ``shift``-decomposed layer.
-        ratio: fraction of intermediate channels to remove, in ``[0, 1)`` (0: an exact copy).
-        criterion: see :func:`kept_channels`.
-        scope: see :func:`kept_channels`.
-
-    Returns:
-        A block of the same type with smaller tensors and ``shift.group_sizes`` updated (a
-        decomposed layer's ``rank`` holds the new per-slice ranks); ``block`` is untouched.
-    """
-    keep = kept_channels(block, ratio, criterion=criterion, scope=scope)
+def _select(block: nn.Module, keep: list[int]) -> nn.Module:
+    """A copy of ``block`` with only the intermediate channels ``keep`` (ascending)."""
     first, bn, shift, last = _parts(block)
     idx = torch.tensor(keep, dtype=torch.long, device=first.weight.device)
     group_of = [g for g, n in enumerate(shift.group_sizes) for _ in range(n)]
@@ -205,6 +227,62 @@ def prune_shift_block(
     if isinstance(new, SliceShiftConv):
         new.rank = tuple(sizes)
     return new
+
+
+def prune_shift_block(
+    block: nn.Module, ratio: float, *, criterion: str = "norm", scope: str = "group"
+) -> nn.Module:
+    """A copy of ``block`` without its least salient intermediate channels.
+
+    Args:
+        block: a shift block (see the module doc).
+        ratio: fraction of intermediate channels to remove, in ``[0, 1)`` (0: an exact copy).
+        criterion: see :func:`kept_channels`.
+        scope: see :func:`kept_channels`.
+
+    Returns:
+        A block of the same type with smaller tensors and ``shift.group_sizes`` updated (a
+        decomposed layer's ``rank`` holds the new per-slice ranks); ``block`` is untouched.
+    """
+    return _select(block, kept_channels(block, ratio, criterion=criterion, scope=scope))
+
+
+def prune_to_sizes(block: nn.Module, group_sizes: Sequence[int]) -> nn.Module:
+    """A copy of ``block`` keeping the ``group_sizes[g]`` most salient channels of each
+    direction group ``g`` (the structure an export records for a pruned block)."""
+    score = channel_saliency(block).tolist()
+    sizes = _parts(block)[2].group_sizes
+    valid = (
+        isinstance(group_sizes, Sequence)
+        and len(group_sizes) == len(sizes)
+        and all(type(n) is int and 0 <= n <= m for n, m in zip(group_sizes, sizes, strict=True))
+        and sum(group_sizes) >= 1
+    )
+    if not valid:
+        raise ValueError(
+            f"shift group sizes must be {len(sizes)} ints, each in [0, the block's {sizes}], "
+            f"sum >= 1; got {group_sizes!r}"
+        )
+    keep, start = [], 0
+    for size, n in zip(sizes, group_sizes, strict=True):
+        ranked = sorted(range(start, start + size), key=lambda i: (-score[i], i))
+        keep += ranked[:n]
+        start += size
+    return _select(block, sorted(keep))
+
+
+def prune_entry(block: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
+    """``block`` pruned as a plan entry says: ``{"prune": ratio}`` or ``{"rank": sizes}``
+    (other keys: ``"method"`` only)."""
+    extra = set(entry) - {"method", "prune", "rank"}
+    if extra or ("prune" in entry) == ("rank" in entry):
+        raise ValueError(
+            f"a pruning entry needs exactly one of 'prune' (ratio) or 'rank' (group sizes) "
+            f"and no other key, got {dict(entry)!r}"
+        )
+    if "rank" in entry:
+        return prune_to_sizes(block, entry["rank"])
+    return prune_shift_block(block, entry["prune"])
 
 
 def prune_model(

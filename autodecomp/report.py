@@ -6,14 +6,18 @@ trials table with their state and otherwise ignored. :func:`write_report` writes
 
 - ``trials`` and ``layers`` (the tables of :mod:`autodecomp.pareto`), ``pareto`` (the
   feasible front sorted by MACs, :func:`front_frame`), ``method_usage`` and ``hypervolume``
-  (history per trial), each as CSV and Parquet;
+  (history per trial), and, when the trials record proxy scores, ``proxy_correlation``
+  (Kendall tau of each cheap proxy against the final proxy accuracy) and ``pruning``
+  (trials dropped per stage and the time saved; :mod:`autodecomp.proxy_stats`), each as
+  CSV and Parquet;
 - ``report.md``: counts, baseline, the front, queries, method usage, hypervolume;
 - ``pareto.png``, ``pareto.html`` (interactive, plotly embedded so it opens offline),
   ``hypervolume.png`` and ``method_map.png`` (see :mod:`autodecomp.plots`).
 
 Hypervolume: every objective is made a normalised loss, ``1 - accuracy``, ``macs /
-baseline_macs`` and (when ``params`` is an objective) ``params / baseline_params``; the
-reference point is ``(1, 1[, 1])``, i.e. accuracy 0 at the baseline's MACs and parameters.
+baseline_macs`` and (when they are objectives) ``params / baseline_params`` and ``latency /
+baseline_latency`` (measured on ``latency.device``); the reference point is ``(1, 1[, 1])``,
+i.e. accuracy 0 at the baseline's cost.
 The hypervolume is the volume dominated by the COMPLETE, feasible trials inside that box,
 computed exactly by Optuna's ``compute_hypervolume``; it lies in ``[0, 1]`` (1 would be
 accuracy 1 at no cost) and a trial at or beyond a reference coordinate adds nothing. With
@@ -47,7 +51,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import ConfigError
 from .files import atomic_write
-from .pareto import layers_frame, pareto_frame, trials_frame
+from .pareto import latency_columns, layers_frame, pareto_frame, trials_frame
+from .proxy_stats import proxy_correlation_frame, pruning_frame
+from .prune import PRUNE
 
 __all__ = [
     "best_trial",
@@ -81,6 +87,7 @@ _FRONT_FIRST = [
     "plan_layers",
 ]
 _TABLES = ("trials", "layers", "pareto", "method_usage", "hypervolume")
+_PROXY_TABLES = ("proxy_correlation", "pruning")
 
 
 # ---- reading a study -------------------------------------------------------------------------
@@ -103,12 +110,20 @@ def open_storage_readonly(storage: str) -> optuna.storages.BaseStorage:
     """An Optuna storage opened for reading: nothing is created or written.
 
     Args:
-        storage: a database URL (``sqlite:///...``, ``postgresql://...``) or a file path:
-            a SQLite database, or else an Optuna journal file (``JournalFileBackend``).
+        storage: a database URL (``sqlite:///...``, ``postgresql://...``), a journal URL
+            (``journal:///...``) or a file path: a SQLite database, or else an Optuna
+            journal file (``JournalFileBackend``).
 
     Raises:
         ConfigError: a missing file or database, or a storage that cannot be opened.
     """
+    from .storage import journal_path
+
+    journal = journal_path(storage)
+    if journal is not None:
+        if not journal.is_file():
+            raise ConfigError(f"storage {storage!r}: no journal file (has the study been created?)")
+        storage = str(journal)
     if "://" not in storage:
         path = Path(storage).expanduser()
         if not path.is_file():
@@ -164,7 +179,12 @@ def _baseline(study: optuna.Study) -> dict[str, Any]:
             f"study {study.study_name!r} has no baseline record (user attribute 'baseline'); "
             "was it created by autodecomp search?"
         )
-    return dict(base)
+    out = dict(base)
+    latency = study.user_attrs.get("baseline_latency_ms")  # {device kind: ms}, when measured
+    device = ((study.user_attrs.get("config") or {}).get("latency") or {}).get("device", "cpu")
+    if isinstance(latency, Mapping) and device in latency:
+        out["latency"] = float(latency[device])
+    return out
 
 
 def _objectives(study: optuna.Study) -> list[str]:
@@ -196,11 +216,16 @@ def _rank_text(rank: Any) -> str:
 
 
 def _layer_summary(layers: Mapping[str, Mapping[str, Any]] | None) -> str:
-    """Per-layer method and final rank, e.g. ``"conv2:tucker[5,9] conv3:keep"``."""
+    """Per-layer method and final rank, e.g. ``"conv2:tucker[5,9] conv3:keep"``; a shift-pruned
+    entry shows its pruning ratio instead of a block's group sizes, e.g. ``"b1:prune0.31"``,
+    ``"conv4:shift[1,2,1,2,3,2,1,2,1]prune0.25"``."""
     parts = []
     for name, rec in (layers or {}).items():
-        rank = rec.get("rank")
-        parts.append(f"{name}:{rec['method']}{'' if rank is None else _rank_text(rank)}")
+        rank, prune = rec.get("rank"), rec.get("prune")
+        block = rec["method"] == PRUNE
+        text = "" if rank is None or block else _rank_text(rank)
+        text += "" if prune is None else f"{'' if block else 'prune'}{prune:.2f}"
+        parts.append(f"{name}:{rec['method']}{text}")
     return " ".join(parts)
 
 
@@ -230,28 +255,45 @@ def method_usage_frame(study: optuna.Study) -> pd.DataFrame:
     """How often each method (``keep`` included) appears per layer among the front's trials.
 
     One row per layer (model order), one count column per method seen on the front, and
-    ``front_trials``, the size of the front.
+    ``front_trials``, the size of the front. When the front prunes shift blocks (method
+    ``prune``, or a ``prune`` ratio on a decomposed layer), ``mean_prune`` is the mean
+    fraction of shift channels removed per layer over the front trials that prune it.
     """
     front = study.best_trials
     counts: dict[str, dict[str, int]] = {}
+    prunes: dict[str, list[float]] = {}
     for trial in front:
         for layer, entry in (trial.user_attrs.get("plan") or {}).items():
             row = counts.setdefault(layer, {})
             row[entry["method"]] = row.get(entry["method"], 0) + 1
+            if entry.get("prune") is not None:
+                prunes.setdefault(layer, []).append(entry["prune"])
     methods = sorted({m for row in counts.values() for m in row}, key=lambda m: (m == "keep", m))
     rows = [
         {"layer": layer, **{m: row.get(m, 0) for m in methods}, "front_trials": len(front)}
         for layer, row in counts.items()
     ]
-    return pd.DataFrame(rows, columns=["layer", *methods, "front_trials"])
+    columns = ["layer", *methods, "front_trials"]
+    if prunes:
+        for row in rows:
+            ratios = prunes.get(row["layer"])
+            row["mean_prune"] = sum(ratios) / len(ratios) if ratios else None
+        columns.insert(-1, "mean_prune")
+    return pd.DataFrame(rows, columns=columns)
 
 
 # ---- hypervolume ---------------------------------------------------------------------------
 def _reference(study: optuna.Study) -> dict[str, float]:
     """The reference point in the objectives' own units (accuracy 0, baseline MACs/params)."""
     base = _baseline(study)
+    names = _objectives(study)
+    if "latency" in names and "latency" not in base:
+        raise ConfigError(
+            f"study {study.study_name!r} has latency as an objective but no baseline latency "
+            "(user attribute 'baseline_latency_ms'); run at least one trial first"
+        )
     ref = {"accuracy": 0.0, "macs": float(base["macs"]), "params": float(base["params"])}
-    return {name: ref[name] for name in _objectives(study)}
+    return {name: ref[name] if name in ref else base[name] for name in names}
 
 
 def _loss(trial: FrozenTrial, names: Sequence[str], base: Mapping[str, Any]) -> np.ndarray:
@@ -260,6 +302,7 @@ def _loss(trial: FrozenTrial, names: Sequence[str], base: Mapping[str, Any]) -> 
         "accuracy": lambda v: 1.0 - v,
         "macs": lambda v: v / base["macs"],
         "params": lambda v: v / base["params"],
+        "latency": lambda v: v / base["latency"],
     }
     return np.array([scaled[n](values[n]) for n in names], dtype=float)
 
@@ -458,6 +501,59 @@ _FRONT_MD = {
 }
 
 
+def _front_md(front: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """:data:`_FRONT_MD` plus the measured-latency columns the front has (after params)."""
+    columns: dict[str, tuple[str, str]] = {}
+    for key, value in _FRONT_MD.items():
+        columns[key] = value
+        if key == "params_compression":
+            for column in latency_columns(front):
+                device = column.removeprefix("latency_").removesuffix("_ms")
+                columns[column] = (f"latency {device} ms", ".3f")
+    return columns
+
+
+def _budget_text(key: str, value: float, base: Mapping[str, Any]) -> str:
+    text = f"{key} <= {value:,.3f} ms" if key == "latency" else f"{key} <= {value:,.0f}"
+    return text + (f" ({value / base[key]:.2f}x baseline)" if key in base else "")
+
+
+_PROXY_MD = {
+    "label": ("proxy", ""),
+    "n": ("trials", ""),
+    "tau": ("Kendall tau", "+.3f"),
+    "p_value": ("p", ".3g"),
+}
+_PRUNING_MD = {
+    "label": ("stage", ""),
+    "trials": ("trials", ""),
+    "seconds_spent": ("seconds spent", ".1f"),
+    "seconds_saved": ("seconds saved (est.)", ".1f"),
+}
+
+
+def _proxy_md(frames: Mapping[str, pd.DataFrame]) -> list[str]:
+    """The "Proxy fidelity" section, when the trials record proxy scores."""
+    if "proxy_correlation" not in frames:
+        return []
+    return [
+        "## Proxy fidelity",
+        "",
+        "Kendall tau-b between each cheap proxy and the final proxy accuracy over the "
+        "trained, completed trials (errors negated: +1 means the proxy orders candidates "
+        "exactly as the fine-tune does). Pruned trials have no final accuracy and are left "
+        "out. Tables: `proxy_correlation.csv`, `pruning.csv`.",
+        "",
+        _markdown(frames["proxy_correlation"], _PROXY_MD),
+        "",
+        "Trials ended before the full fine-tune (time saved = their number x the mean time "
+        "of a fully fine-tuned trial - the time they took):",
+        "",
+        _markdown(frames["pruning"], _PRUNING_MD),
+        "",
+    ]
+
+
 def _state_counts(study: optuna.Study) -> str:
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
@@ -486,10 +582,10 @@ def _summary_md(
 ) -> str:
     base, limits = _baseline(study), study.user_attrs.get("limits") or {}
     ref = _reference(study)
-    budget = ", ".join(
-        f"{k} <= {v:,.0f} ({v / base[k]:.2f}x baseline)" for k, v in sorted(limits.items())
-    )
-    usage_columns = {c: (c, "") for c in frames["method_usage"].columns}
+    budget = ", ".join(_budget_text(k, v, base) for k, v in sorted(limits.items()))
+    usage_columns = {
+        c: (c, ".2f" if c == "mean_prune" else "") for c in frames["method_usage"].columns
+    }
     history, hv = frames["hypervolume"], _last(frames)
     lines = [
         f"# Study `{study.study_name}`",
@@ -505,7 +601,7 @@ def _summary_md(
         "`drop` = baseline accuracy - accuracy; `÷` = baseline / compressed (compression "
         "factor). Accuracies are the search's proxy (short distillation) on the validation split.",
         "",
-        _markdown(frames["pareto"], _FRONT_MD),
+        _markdown(frames["pareto"], _front_md(frames["pareto"])),
         "",
         "## Queries",
         "",
@@ -521,9 +617,12 @@ def _summary_md(
         "trials, in the normalised space (1 - accuracy, "
         + ", ".join(f"{n} / baseline {n}" for n in ref if n != "accuracy")
         + ") with reference point (1, ..., 1) = "
-        + ", ".join(f"{n} {v:,.0f}" for n, v in ref.items())
+        + ", ".join(
+            f"{n} {v:,.3f} ms" if n == "latency" else f"{n} {v:,.0f}" for n, v in ref.items()
+        )
         + "; 1.0 would be accuracy 1 at no cost. History: `hypervolume.csv`, `hypervolume.png`.",
         "",
+        *_proxy_md(frames),
         "## Files",
         "",
         ", ".join(f"`{name}`" for name in files),
@@ -601,12 +700,16 @@ def write_report(
         "method_usage": method_usage_frame(study),
         "hypervolume": hypervolume_frame(study),
     }
+    if any("kernel_error" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        frames["proxy_correlation"] = proxy_correlation_frame(study)
+        frames["pruning"] = pruning_frame(study)
     asked = {"max_macs": max_macs, "max_params": max_params, "max_drop": max_drop}
     wanted = [asked] if any(v is not None for v in asked.values()) else list(_DEFAULT_QUERIES)
     queries = [(q, best_trial(study, **q)) for q in wanted]
     paths: list[Path] = []
-    for name in _TABLES:
-        paths += _write_table(frames[name], folder, name)
+    for name in (*_TABLES, *_PROXY_TABLES):
+        if name in frames:
+            paths += _write_table(frames[name], folder, name)
     if plots:
         paths += _write_plots(study, frames, folder)
     report = folder / "report.md"
@@ -629,9 +732,15 @@ def _locate(args: argparse.Namespace) -> tuple[str, str | None, Path]:
     if source.is_dir() or source.suffix in (".yaml", ".yml"):
         from .config import load_config
 
-        cfg = load_config(source, ["device=cpu"])  # the report runs on no device
+        # the report runs on no device (and reads the stored config, not this one)
+        cfg = load_config(source, ["device=cpu", "latency.device=cpu"])
         return args.storage or cfg.storage, args.study_name or cfg.name, cfg.folder / "report"
     storage = args.storage or args.study
+    from .storage import journal_path
+
+    journal = journal_path(storage)
+    if journal is not None:
+        return storage, args.study_name, journal.resolve().parent / "report"
     if "://" not in storage:
         return storage, args.study_name, Path(storage).expanduser().resolve().parent / "report"
     from sqlalchemy.engine import make_url
@@ -648,7 +757,7 @@ def _format_front(front: pd.DataFrame) -> str:
     shown = pd.DataFrame(
         {
             header: [_fmt(v, spec) for v in front[column]]
-            for column, (header, spec) in _FRONT_MD.items()
+            for column, (header, spec) in _front_md(front).items()
         }
     )
     return shown.to_string(index=False)

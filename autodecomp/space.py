@@ -4,6 +4,17 @@ Per target layer the trial draws ``"{layer}/method"`` from a categorical whose c
 fixed for that layer across trials (the allowed methods that support it, plus ``"keep"``
 when allowed), then one method-scoped parameter: ``"{layer}/{method}/ratio"`` (a float) or,
 when the space lists explicit ranks for that method, ``"{layer}/{method}/rank"``.
+
+Shift pruning (``shift_prune`` in the space): every shift block of the model
+(:func:`autodecomp.prune.shift_blocks`: the 1x1 -> shift -> 1x1 blocks of a ShiftResNet, or
+any module following that protocol) selected by the layer globs draws
+``"{block}/shift_prune"``, the fraction of its intermediate channels removed (plan entry
+``{"method": "prune", "prune": p}`` under the block's name). The 1x1 convs inside a pruned
+block are not decomposition targets: pruning is how such a block is compressed, so every
+module of the model has at most one plan entry and ``apply_plan`` never decomposes a layer
+whose shape pruning changes. A layer that draws a method building shift blocks (``shift``)
+also draws ``"{layer}/{method}/prune"`` in the same range, and its entry gets ``"prune": p``:
+``apply_plan`` decomposes it, then prunes the decomposed layer.
 """
 
 from __future__ import annotations
@@ -19,9 +30,19 @@ from torch import nn
 
 from .config import ConfigError, RatioRange, SpaceConfig
 from .decompositions import ConvSpec, get_method, supporting_methods
+from .prune import PRUNE, prunable_methods, shift_blocks
 from .surgery import KEEP, conv_layers
 
-__all__ = ["KEEP", "LayerSpace", "SearchSpace", "resolve_space", "suggest_plan", "uniform_params"]
+__all__ = [
+    "KEEP",
+    "PRUNE",
+    "BlockSpace",
+    "LayerSpace",
+    "SearchSpace",
+    "resolve_space",
+    "suggest_plan",
+    "uniform_params",
+]
 
 RankCode = int | str  # an int rank, or a JSON list for tuple ranks (Optuna choices are scalars)
 
@@ -35,6 +56,8 @@ class LayerSpace:
     choices: tuple[str, ...]
     ratio: RatioRange
     ranks: dict[str, tuple[RankCode, ...]] = field(default_factory=dict)
+    prune: RatioRange | None = None  # the pruning range of the choices in ``prunable``
+    prunable: tuple[str, ...] = ()  # choices whose decomposed layer is pruned as well
 
     def param_names(self) -> list[str]:
         """Every parameter name this layer can produce."""
@@ -42,18 +65,33 @@ class LayerSpace:
         for method in self.choices:
             if method != KEEP:
                 names.append(f"{self.name}/{method}/{'rank' if method in self.ranks else 'ratio'}")
+            if method in self.prunable:
+                names.append(f"{self.name}/{method}/prune")
         return names
 
 
 @dataclass(frozen=True)
+class BlockSpace:
+    """A shift block whose intermediate channels the search prunes."""
+
+    name: str
+    prune: RatioRange
+
+    def param_names(self) -> list[str]:
+        return [f"{self.name}/shift_prune"]
+
+
+@dataclass(frozen=True)
 class SearchSpace:
-    """The resolved per-layer choices of a search space on one model."""
+    """The resolved per-layer choices and pruned shift blocks of a search space on one model."""
 
     layers: tuple[LayerSpace, ...]
+    blocks: tuple[BlockSpace, ...] = ()
 
     @property
     def names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
+        """Every plan key: the searched layers, then the pruned shift blocks."""
+        return [layer.name for layer in self.layers] + [block.name for block in self.blocks]
 
 
 def _encode(rank: Any) -> RankCode:
@@ -64,15 +102,15 @@ def _decode(code: RankCode) -> Any:
     return json.loads(code) if isinstance(code, str) else code
 
 
-def _matching(names: Sequence[str], patterns: Sequence[str], where: str) -> set[str]:
+def _matching(
+    names: Sequence[str], patterns: Sequence[str], where: str, kind: str = "target conv layer"
+) -> set[str]:
     matched: set[str] = set()
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
         if not hits:
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            raise ConfigError(
-                f"{where}: glob {pattern!r} matches no target conv layer; layers: {shown}"
-            )
+            raise ConfigError(f"{where}: glob {pattern!r} matches no {kind}; layers: {shown}")
         matched.update(hits)
     return matched
 
@@ -94,7 +132,8 @@ def _rank_codes(
 
 
 def resolve_space(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
-    """Apply a search-space config to a model's conv layers.
+    """Apply a search-space config to a model's conv layers and (with ``shift_prune``) its
+    shift blocks; the layer globs select among both.
 
     Raises:
         ConfigError: a glob that matches no layer, a rank invalid for a layer, or a target
@@ -110,11 +149,15 @@ def resolve_space(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
 
 def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
     convs = conv_layers(model)
-    included = _matching(convs, cfg.include, "space.layers.include")
-    excluded = _matching(convs, cfg.exclude, "space.layers.exclude")
-    targets = [n for n in convs if n in included and n not in excluded]
-    if not targets:
-        raise ConfigError("space.layers: include/exclude leave no conv layer to search")
+    blocks = shift_blocks(model) if cfg.shift_prune is not None else []
+    kind = "conv layer or shift block" if blocks else "target conv layer"
+    included = _matching(convs + blocks, cfg.include, "space.layers.include", kind)
+    excluded = _matching(convs + blocks, cfg.exclude, "space.layers.exclude", kind)
+    pruned = [b for b in blocks if b in included and b not in excluded]
+    inside = tuple(f"{b}." for b in pruned)
+    targets = [n for n in convs if n in included and n not in excluded and not n.startswith(inside)]
+    if not targets and not pruned:
+        raise ConfigError(f"space.layers: include/exclude leave no {kind} to search")
     rules = [
         (r, _matching(targets, r.layers, f"space.overrides[{i}].layers"))
         for i, r in enumerate(cfg.overrides)
@@ -138,6 +181,8 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
             )
         if not offered:  # only "keep": nothing to search on this layer
             continue
+        pruning = cfg.shift_prune is not None
+        prunable = tuple(m for m in offered if m in prunable_methods()) if pruning else ()
         layers.append(
             LayerSpace(
                 name=name,
@@ -145,9 +190,16 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
                 choices=tuple(offered) + ((KEEP,) if keep else ()),
                 ratio=ratio,
                 ranks={m: _rank_codes(name, spec, m, ranks[m]) for m in offered if m in ranks},
+                prune=cfg.shift_prune if prunable else None,
+                prunable=prunable,
             )
         )
-    return SearchSpace(tuple(layers))
+    blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
+    return SearchSpace(tuple(layers), blocks_space)
+
+
+def _suggest_ratio(trial: optuna.Trial, name: str, r: RatioRange) -> float:
+    return trial.suggest_float(name, r.lo, r.hi, log=r.log, step=r.step)
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str, Any]]:
@@ -163,11 +215,14 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
             )
             plan[layer.name] = {"method": method, "rank": _decode(code)}
         else:
-            r = layer.ratio
-            ratio = trial.suggest_float(
-                f"{layer.name}/{method}/ratio", r.lo, r.hi, log=r.log, step=r.step
-            )
+            ratio = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
             plan[layer.name] = {"method": method, "ratio": ratio}
+        if method in layer.prunable:
+            prune = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
+            plan[layer.name]["prune"] = prune
+    for block in space.blocks:
+        prune = _suggest_ratio(trial, f"{block.name}/shift_prune", block.prune)
+        plan[block.name] = {"method": PRUNE, "prune": prune}
     return plan
 
 
@@ -194,7 +249,7 @@ def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) 
 
     Layers that do not offer ``method`` are kept dense; the ratio is clipped (and snapped
     to the step) into each layer's range; with explicit ranks, the largest rank within the
-    ratio is taken.
+    ratio is taken. Pruning ratios (shift blocks, pruned methods) are the range's low end.
 
     Raises:
         ConfigError: no layer offers ``method``, or a layer offers neither it nor ``keep``.
@@ -213,6 +268,8 @@ def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) 
                 params[f"{layer.name}/{method}/rank"] = _nearest_rank(layer, method, ratio)
             else:
                 params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio)
+            if method in layer.prunable:
+                params[f"{layer.name}/{method}/prune"] = layer.prune.lo
         elif KEEP in layer.choices:
             params[key] = KEEP
         else:
@@ -220,4 +277,5 @@ def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) 
                 f"warm_start {method!r}: layer {layer.name!r} offers neither it nor keep "
                 f"(choices: {', '.join(layer.choices)})"
             )
+    params |= {f"{block.name}/shift_prune": block.prune.lo for block in space.blocks}
     return params

@@ -1,4 +1,4 @@
-"""Create, resume and run a search study; the only module that knows storage URLs.
+"""Create, resume and run a search study (storage URLs: :mod:`autodecomp.storage`).
 
 Order of work in :func:`run_search`: validate everything that can be wrong (config, data,
 model, search space, warm starts, sampler options, storage reachability) without writing
@@ -8,12 +8,13 @@ run starts at most the missing number of trials, so a run with failures ends sho
 rerun tops it up). Re-running the same command resumes; warm-start trials are enqueued only
 when the study is created. On resume the stored config must match, except ``trials``,
 ``storage``, ``device`` and ``threads``. The tables are written at the end and on Ctrl-C.
+:func:`setup_study` does the same up to the study's creation and runs no trial: the start
+of a study shared by many processes (:mod:`autodecomp.worker`).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -35,18 +36,25 @@ from .models import get_model
 from .objective import CATCH, Objective
 from .pareto import format_front, pareto_frame, plan_summary, write_tables
 from .space import SearchSpace, resolve_space, uniform_params
+from .storage import check_storage, open_storage
 
 __all__ = [
     "COUNTED",
     "SAMPLER_CLASSES",
     "Prepared",
     "SearchResult",
+    "check_same_config",
     "check_storage",
     "make_sampler",
     "open_storage",
     "open_study",
     "prepare",
+    "prepare_baseline",
+    "quiet_optuna",
     "run_search",
+    "setup_study",
+    "shared_factor_cache",
+    "trial_summary",
 ]
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -66,9 +74,10 @@ def make_sampler(
     """The Optuna sampler seeded with ``seed + offset``; ``options`` go to its constructor.
 
     A resumed study passes its trial count as ``offset`` so that it does not replay the
-    random draws of the first run. TPE's ``constant_liar`` (which re-reads the storage for
-    every parameter so that parallel workers see each other's running trials) defaults to
-    ``parallel``: off for one process, where it would only cost time.
+    random draws of the first run; each worker passes its own (the seed wraps at 2**32).
+    TPE's ``constant_liar`` (which re-reads the storage for every parameter so that
+    parallel workers see each other's running trials) defaults to ``parallel``: off for
+    one process, where it would only cost time.
     """
     cls = SAMPLER_CLASSES[cfg.name]
     valid = [p for p in inspect.signature(cls).parameters if p not in ("seed", "constraints_func")]
@@ -85,68 +94,9 @@ def make_sampler(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return cls(seed=cfg.seed + offset, **options)
+            return cls(seed=(cfg.seed + offset) % 2**32, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sampler {cfg.name} options {cfg.options}: {err}") from None
-
-
-def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def check_storage(url: str) -> None:
-    """Raise :class:`ConfigError` if the storage cannot be used; creates nothing."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        raise ConfigError(f"storage {url!r} is not a valid database URL") from None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
-            return
-        folder = Path(parsed.database).expanduser().resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"storage {url!r}: folder {str(folder)!r} is missing or read-only")
-        return
-    try:
-        engine = create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except (SQLAlchemyError, ImportError, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"cannot reach storage {_shown(url)}: {first}") from None
-
-
-def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage behind ``url`` (creates the database schema if needed).
-
-    A SQLite file is put in write-ahead-log mode with ``synchronous=NORMAL``: a trial makes
-    dozens of small writes (one per parameter and attribute), and this cuts each from about
-    25 ms to 3 ms here while staying safe against crashes of the process (WAL needs a local
-    file system, not NFS).
-    """
-    from sqlalchemy import event
-    from sqlalchemy.engine import make_url
-
-    storage = optuna.storages.RDBStorage(url)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        event.listen(storage.engine, "connect", _sqlite_wal)
-        storage.engine.dispose()
-    return storage
 
 
 @dataclass(frozen=True)
@@ -209,7 +159,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
-def _check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[str, Any]):
+def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``new`` differs from the stored config beyond what a
+    resume may change (``trials``, ``storage``, ``device``, ``threads``)."""
     if stored is None:
         return
     old_flat, new_flat = _flatten(stored), _flatten(new)
@@ -224,7 +176,8 @@ def _check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping
 
 
 def open_study(cfg: StudyConfig, prepared: Prepared, baseline: Baseline) -> optuna.Study:
-    """Load the study, or create it (storing config and baseline, enqueueing warm starts)."""
+    """Load the study, or create it (storing config, folder and baseline, enqueueing warm
+    starts). Workers find the baseline and factor cache in the stored ``folder``."""
     storage = open_storage(cfg.storage)
     config = cfg.to_dict()
     try:
@@ -236,10 +189,11 @@ def open_study(cfg: StudyConfig, prepared: Prepared, baseline: Baseline) -> optu
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=prepared.sampler)
-        _check_same_config(cfg.name, study.user_attrs.get("config"), config)
+        check_same_config(cfg.name, study.user_attrs.get("config"), config)
         study.sampler = make_sampler(cfg.sampler, offset=len(study.get_trials(deepcopy=False)))
         return study
     study.set_user_attr("config", config)
+    study.set_user_attr("folder", str(cfg.folder))
     study.set_user_attr("baseline", baseline.info())
     study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
     for label, params in prepared.warm_starts:
@@ -247,7 +201,8 @@ def open_study(cfg: StudyConfig, prepared: Prepared, baseline: Baseline) -> optu
     return study
 
 
-def _summary(trial: FrozenTrial, accuracy_index: int) -> str:
+def trial_summary(trial: FrozenTrial, accuracy_index: int) -> str:
+    """One line per finished trial: state, cost ratios, accuracy, seconds, plan."""
     attrs = trial.user_attrs
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     parts = [f"trial {trial.number:4d}", f"{trial.state.name:8s}"]
@@ -277,7 +232,7 @@ def _progress(
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state in COUNTED:
             bar.update(1)
-        line = _summary(trial, accuracy_index)
+        line = trial_summary(trial, accuracy_index)
         if bar.disable:
             log(line)
         else:
@@ -301,7 +256,7 @@ def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 
 @contextmanager
-def _quiet_optuna() -> Iterator[None]:
+def quiet_optuna() -> Iterator[None]:
     """Optuna's own per-trial logs (with tracebacks) are replaced by one line per trial."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -312,7 +267,7 @@ def _quiet_optuna() -> Iterator[None]:
 
 
 @contextmanager
-def _factor_cache(folder: Path) -> Iterator[None]:
+def shared_factor_cache(folder: Path) -> Iterator[None]:
     """Keep factorisations (e.g. CP / PDP by ALS) on disk in the study folder for resumes."""
     previous = default_cache.directory
     default_cache.set_directory(folder)
@@ -344,19 +299,46 @@ def _optimize(
     return False
 
 
-def run_search(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> SearchResult:
-    """Validate, prepare the baseline, run (or resume) the study, write and print the tables."""
+def prepare_baseline(
+    cfg: StudyConfig, log: Callable[[str], None] = print
+) -> tuple[Prepared, Baseline]:
+    """:func:`prepare` (nothing written), then load, reuse or train the baseline."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log)
-    with _quiet_optuna(), _factor_cache(cfg.folder / "cache" / "factors"):
+    return prepared, load_baseline(cfg, prepared.model, prepared.splits, log=log)
+
+
+def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optuna.Study:
+    """Validate, prepare the baseline and create (or check) the study; run no trial.
+
+    The first step of a study shared by many processes: afterwards ``autodecomp worker``
+    processes join it with only its name and storage URL.
+    """
+    prepared, baseline = prepare_baseline(cfg, log)
+    with quiet_optuna():
+        study = open_study(cfg, prepared, baseline)
+    log(
+        f"study {cfg.name!r} is ready: {_count(study, COUNTED)}/{cfg.trials} trials done; "
+        f"baseline val accuracy {baseline.accuracy:.4f}, cache in {cfg.folder / 'cache'}"
+    )
+    log(f"start workers with: autodecomp worker --study {cfg.name} --storage {cfg.storage}")
+    if cfg.storage.startswith("sqlite"):
+        log("(SQLite is for one process; several: journal:///... or postgresql+psycopg2://...)")
+    return study
+
+
+def run_search(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> SearchResult:
+    """Validate, prepare the baseline, run (or resume) the study, write and print the tables."""
+    prepared, baseline = prepare_baseline(cfg, log)
+    with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
         study = open_study(cfg, prepared, baseline)
         done = _count(study, COUNTED)
         log(
             f"study {cfg.name!r}: {done}/{cfg.trials} trials done; baseline val accuracy "
             f"{baseline.accuracy:.4f}, {baseline.macs:,} MACs, {baseline.params:,} params; "
-            f"{len(prepared.space.layers)} layers searched"
+            f"{len(prepared.space.layers)} layers searched, "
+            f"{len(prepared.space.blocks)} shift blocks pruned"
         )
         interrupted = False
         if done < cfg.trials:

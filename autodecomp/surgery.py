@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -16,10 +16,21 @@ from .decompositions import (
     supporting_methods,
 )
 
-__all__ = ["KEEP", "apply_plan", "conv_layers", "decompose_conv", "replace_module"]
+if TYPE_CHECKING:
+    from .calibration import InputStats
+
+__all__ = [
+    "INITS",
+    "KEEP",
+    "apply_plan",
+    "conv_layers",
+    "data_init_layers",
+    "decompose_conv",
+    "replace_module",
+]
 
 KEEP = "keep"
-_ENTRY_KEYS = {"method", "ratio", "rank"}
+INITS = ("weight", "data")  # plan entry "init": fit the kernel, or the output on calibration data
 
 
 def decompose_conv(
@@ -28,6 +39,7 @@ def decompose_conv(
     *,
     ratio: float | None = None,
     rank: Any = None,
+    calibration: InputStats | None = None,
     **opts: Any,
 ) -> DecomposedConv:
     """Replace a trained ``nn.Conv2d`` by a decomposed layer initialised from its weights.
@@ -38,6 +50,11 @@ def decompose_conv(
         ratio: target fraction of the dense layer's parameters (> 0); the method picks the
             largest valid rank within it.
         rank: the method's own rank spec (see ``autodecomp methods``).
+        calibration: this layer's input statistics
+            (:func:`autodecomp.calibration.collect_input_stats`): fit the layer's output on
+            the calibration inputs instead of the kernel
+            (:meth:`~autodecomp.decompositions.DecomposedConv.from_calibration`; options
+            ``damping`` and ``refine_steps``).
         **opts: method-specific options (e.g. ``hooi_iters`` for Tucker).
 
     Returns:
@@ -58,7 +75,15 @@ def decompose_conv(
             f"method {method!r} cannot decompose this layer: {reason}; methods that can: {valid}"
         )
     rank = cls.normalize_rank(spec, rank) if rank is not None else cls.rank_for_ratio(spec, ratio)
-    module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
+    if calibration is None:
+        module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
+    else:
+        if not calibration.matches(spec):
+            raise ValueError(
+                f"calibration statistics were taken for a conv of geometry {calibration.spec}, "
+                f"not for this one ({spec})"
+            )
+        module = cls.from_calibration(conv.weight, conv.bias, spec, rank, calibration, **opts)
     return module.to(device=conv.weight.device).train(conv.training)
 
 
@@ -96,36 +121,104 @@ def _check_entry(name: str, entry: Any) -> dict[str, Any]:
     return dict(entry)
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+def data_init_layers(plan: Mapping[str, Any]) -> list[str]:
+    """Layers whose plan entry asks for ``"init": "data"`` (they need calibration statistics)."""
+    return [n for n, e in plan.items() if isinstance(e, Mapping) and e.get("init") == "data"]
+
+
+def _stats_for(
+    name: str, init: Any, calibration: Mapping[str, InputStats] | None
+) -> InputStats | None:
+    if init not in INITS:
+        raise ValueError(f"layer {name!r}: unknown init {init!r}; valid: {', '.join(INITS)}")
+    if init == "weight":
+        return None
+    if calibration is None or name not in calibration:
+        raise ValueError(
+            f"layer {name!r}: init 'data' needs its calibration statistics "
+            "(apply_plan(..., calibration=autodecomp.calibration.collect_input_stats(...)))"
+        )
+    return calibration[name]
+
+
+def _pruned(name: str, module: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
+    """``module`` pruned by a plan entry (:func:`autodecomp.prune.prune_entry`)."""
+    from .prune import is_shift_block, prunable_methods, prune_entry  # prune imports surgery
+
+    if not is_shift_block(module):
+        raise ValueError(
+            f"layer {name!r}: pruning needs a shift block, got {type(module).__name__} "
+            f"(methods that build one: {', '.join(prunable_methods()) or 'none'})"
+        )
+    try:
+        return prune_entry(module, entry)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Mapping[str, Any],
+    *,
+    calibration: Mapping[str, InputStats] | None = None,
+) -> nn.Module:
     """Return a copy of ``model`` with each planned layer decomposed; ``model`` is untouched.
 
     Args:
         model: the dense model.
         plan: ``{layer_name: {"method": "tucker", "ratio": 0.3}}`` or with ``"rank"``;
-            method ``"keep"`` leaves a layer dense. Other keys are passed to the method.
+            method ``"keep"`` leaves a layer dense; ``"init": "data"`` fits the layer's
+            output on calibration inputs (default ``"weight"``: the kernel). Other keys are
+            passed to the method. A shift block (:func:`autodecomp.prune.shift_blocks`) is
+            pruned by ``{"method": "prune", "prune": p}`` (``p``: fraction of its intermediate
+            channels removed) or ``{"method": "prune", "rank": group_sizes}``, before any
+            layer is decomposed; a layer decomposed into a shift block (``shift``) is then
+            pruned by an extra ``"prune": p``.
+        calibration: ``{layer_name: InputStats}`` of the dense model, needed by the entries
+            with ``"init": "data"``.
     """
     if not isinstance(plan, Mapping):
         raise ValueError(
             f"plan must be a mapping of layer name -> entry, got {type(plan).__name__}"
         )
+    from .prune import PRUNE, shift_blocks
+
     modules = dict(model.named_modules())
-    valid = conv_layers(model)
+    blocks = shift_blocks(model)
     for name in plan:
-        if name not in modules or not isinstance(modules[name], nn.Conv2d):
+        if name not in blocks and not isinstance(modules.get(name), nn.Conv2d):
+            valid = conv_layers(model) + blocks
             shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
             raise ValueError(
-                f"plan names layer {name!r}, not a conv of the model; valid layers: {shown}"
+                f"plan names layer {name!r}, not a conv or shift block of the model; "
+                f"valid layers: {shown}"
             )
     new = copy.deepcopy(model)
-    for name, raw in plan.items():
-        entry = _check_entry(name, raw)
+    entries = {name: _check_entry(name, raw) for name, raw in plan.items()}
+    for name, entry in entries.items():  # blocks first: a layer inside sees its pruned shape
+        if entry["method"] == PRUNE:
+            replace_module(new, name, _pruned(name, new.get_submodule(name), entry))
+    for name, entry in entries.items():
         method = entry.pop("method")
-        if method == KEEP:
+        prune = entry.pop("prune", None)
+        if method == PRUNE or (method == KEEP and prune is None):
             continue
+        if name in blocks:
+            raise ValueError(
+                f"layer {name!r} is a shift block: its method must be 'prune' or 'keep', "
+                f"got {method!r}"
+            )
+        if method == KEEP:
+            raise ValueError(f"layer {name!r}: 'prune' needs a decomposition method, not 'keep'")
         ratio, rank = entry.pop("ratio", None), entry.pop("rank", None)
+        stats = _stats_for(name, entry.pop("init", "weight"), calibration)
         try:
-            layer = decompose_conv(new.get_submodule(name), method, ratio=ratio, rank=rank, **entry)
+            layer = decompose_conv(
+                new.get_submodule(name), method, ratio=ratio, rank=rank, calibration=stats, **entry
+            )
         except ValueError as err:
             raise type(err)(f"layer {name!r}: {err}") from None
+        if prune is not None:
+            layer = _pruned(name, layer, {"prune": prune})
         replace_module(new, name, layer)
     return new

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
+from pgserver import PostgresServer, find_bindir
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)
@@ -18,3 +20,16 @@ def _seed():
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server on a free local port (tests/pgserver.py), for the session."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb) not found: apt-get install postgresql")
+    server = PostgresServer(bindir).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -134,8 +134,8 @@ def test_bad_method_lists_valid_methods(tmp_path):
 def test_bad_types_and_values(tmp_path):
     assert "trials" in _error(load_config, _study(tmp_path, trials="many"))
     assert "sampler 'bayes'" in _error(load_config, _study(tmp_path, sampler="bayes"))
-    assert "objective 'latency'" in _error(
-        load_config, _study(tmp_path, objectives=["accuracy", "latency"])
+    assert "objective 'energy'" in _error(
+        load_config, _study(tmp_path, objectives=["accuracy", "energy"])
     )
     msg = _error(load_config, _study(tmp_path, proxy={"steps": 10, "accuracy_floor": 0.5}))
     assert "floor_step" in msg
@@ -146,7 +146,7 @@ def test_bad_types_and_values(tmp_path):
     assert "rank" in _error(parse_space, {"ranks": {"tucker": ["big"]}})
 
 
-def test_shift_prune_placeholder_is_stored():
+def test_shift_prune_range_is_stored():
     space = parse_space({"shift_prune": {"range": [0.1, 0.5]}})
     assert (space.shift_prune.lo, space.shift_prune.hi) == (0.1, 0.5)
 

@@ -6,17 +6,22 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import autodecomp as ad
 from autodecomp.prune import (
     channel_saliency,
+    is_shift_block,
     kept_channels,
+    prunable_methods,
+    prune_entry,
     prune_model,
     prune_shift_block,
+    prune_to_sizes,
     shift_blocks,
 )
-from autodecomp.shift import ShiftBlock
+from autodecomp.shift import Shift, ShiftBlock
 
 
 def trained_block(stride: int = 2) -> ShiftBlock:
@@ -155,3 +160,48 @@ def test_decomposed_inner_conv_is_refused():
     block.first = ad.decompose_conv(nn.Conv2d(16, 48, 1, bias=False), "tucker", rank=4)
     with pytest.raises(ValueError, match="prune before decomposing"):
         prune_shift_block(block, 0.5)
+
+
+class _UserShiftBlock(nn.Module):
+    """A user module following the shift-block protocol (no BN, GELU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(4, 18, 1)
+        self.shift = Shift(18)
+        self.last = nn.Conv2d(18, 6, 1)
+
+    def forward(self, x):
+        return self.last(self.shift(F.gelu(self.first(x))))
+
+
+def test_any_module_following_the_protocol_is_a_shift_block():
+    torch.manual_seed(5)
+    model = nn.Sequential(_UserShiftBlock(), nn.Conv2d(6, 6, 3)).eval()
+    assert shift_blocks(model) == ["0"] and is_shift_block(model[0])
+    assert not is_shift_block(model) and not is_shift_block(model[1])
+    assert prunable_methods() == ["shift"]
+    keep = kept_channels(model[0], 0.5)
+    pruned = prune_model(model, {"0": 0.5})
+    assert pruned[0].first.bias.shape == (len(keep),)  # biases of the first 1x1 follow
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(pruned[0](x), zeroed(model[0], keep)(x), rtol=0, atol=1e-6)
+
+
+def test_prune_to_sizes_keeps_the_most_salient_per_group():
+    block = trained_block()
+    pruned = prune_shift_block(block, 0.4)
+    again = prune_to_sizes(block, pruned.shift.group_sizes)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(again(x), pruned(x))
+    assert (
+        prune_entry(block, {"method": "prune", "rank": pruned.shift.group_sizes}).shift.group_sizes
+        == pruned.shift.group_sizes
+    )
+    for bad in ([1] * 8, [6] + [1] * 8, [0] * 9, [1.0] * 9):
+        with pytest.raises(ValueError, match="shift group sizes must be 9 ints"):
+            prune_to_sizes(block, bad)
+    with pytest.raises(ValueError, match="exactly one of 'prune'"):
+        prune_entry(block, {"prune": 0.2, "rank": [1] * 9})
+    with pytest.raises(ValueError, match="no other key"):
+        prune_entry(block, {"prune": 0.2, "scope": "global"})

@@ -268,7 +268,10 @@ def _check_plan_cost(base, space, plans) -> None:
         for name, rec in layers.items():
             module = compressed.get_submodule(name)
             assert rec["params"] == ad.count_params(module)
-            if rec["method"] != "keep":
+            assert rec["prune"] == plan[name].get("prune")
+            if rec["method"] == "prune":
+                assert rec["rank"] == module.shift.group_sizes
+            elif rec["method"] != "keep":
                 assert rec["rank"] == json.loads(json.dumps(module.rank))
 
 
@@ -279,6 +282,27 @@ def test_plan_cost_equals_fvcore_on_the_applied_plan(workload):
     plans = [t.user_attrs["plan"] for t in _run(space, 8, seed=3)]
     plans.append({name: {"method": "keep"} for name in space.names})
     _check_plan_cost(base, space, plans)
+
+
+def test_plan_cost_equals_fvcore_with_shift_pruning(workload):
+    base, _ = workload  # a plain CNN: layers that draw "shift" are pruned too
+    cfg = {"methods": ["shift", "tucker"], "ratio": [0.05, 1.0], "shift_prune": [0.0, 0.7]}
+    space = resolve_space(base.model, parse_space(cfg))
+    plans = [t.user_attrs["plan"] for t in _run(space, 4, seed=1)]
+    assert sum("prune" in entry for plan in plans for entry in plan.values()) >= 2
+    _check_plan_cost(base, space, plans)
+
+    model = get_model("shiftresnet20", expansion=1).eval()
+    shape = (3, 8, 8)
+    shifted = Baseline(
+        model, 0.5, ad.count_macs(model, shape), ad.count_params(model), shape, Path()
+    )
+    cfg = {"methods": ["tucker"], "shift_prune": {"range": [0.0, 0.8], "step": 0.1}}
+    space = resolve_space(model, parse_space(cfg))
+    plans = [t.user_attrs["plan"] for t in _run(space, 2, seed=2)]
+    plans.append({name: {"method": "keep"} for name in space.names})
+    assert {entry["method"] for entry in plans[0].values()} >= {"prune"}
+    _check_plan_cost(shifted, space, plans)
 
 
 @pytest.mark.slow

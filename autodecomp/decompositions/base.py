@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..factorize.cache import FactorCache, default_cache, weight_key
+from ..factorize.output_fit import (
+    balance_norms,
+    refine_output_fit,
+    unwhiten_rows,
+    whiten_input,
+)
 from .spec import ConvSpec
 
+if TYPE_CHECKING:
+    from ..calibration import InputStats
+
 __all__ = [
+    "DATA_DAMPING",
+    "REFINE_STEPS",
     "DecomposedConv",
     "DecompositionError",
     "UnsupportedLayerError",
@@ -23,6 +36,9 @@ __all__ = [
 ]
 
 Rank = Any  # each method documents its own rank spec (int, tuple, ...), always JSON-serialisable
+
+DATA_DAMPING = 1e-2  # data-aware fits use Σ + DATA_DAMPING * mean(diag Σ) * I
+REFINE_STEPS = 50  # L-BFGS iterations of the output-error refinement
 
 
 class UnsupportedLayerError(ValueError):
@@ -43,6 +59,9 @@ class DecomposedConv(nn.Module, ABC):
 
     name: ClassVar[str]
     rank_help: ClassVar[str] = ""
+    input_stage: ClassVar[str | None] = None
+    """The 1x1 submodule that reads the input channels first, if the method has one: an
+    input-channel map is then absorbed into its weight (see :meth:`whitened_init`)."""
 
     def __init__(self, spec: ConvSpec, rank: Rank) -> None:
         super().__init__()
@@ -102,6 +121,96 @@ class DecomposedConv(nn.Module, ABC):
         **opts: Any,
     ) -> DecomposedConv:
         """Initialise the factors from a dense kernel (``rank`` already normalised)."""
+
+    @classmethod
+    def from_calibration(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: Rank,
+        stats: InputStats,
+        *,
+        damping: float = DATA_DAMPING,
+        refine_steps: int = REFINE_STEPS,
+        cache: FactorCache = default_cache,
+        **opts: Any,
+    ) -> DecomposedConv:
+        """Data-aware initialisation: fit the layer's output on calibration inputs.
+
+        Minimises ``tr(E Σ_λ E^T)``, ``E = dense_weight() - W``, ``Σ_λ = Σ + λ mean(diag Σ) I``:
+        the mean squared output error on the calibration images (``λ = 0``) plus a small
+        weight-space term that keeps directions the calibration data never excites close to
+        the kernel. Two stages: :meth:`whitened_init`, then ``refine_steps`` L-BFGS iterations
+        on the exact objective over all factors (float64), cached per (weight, statistics,
+        rank, options); finally the factors' norms are equalised (``balance_norms``).
+
+        Args:
+            stats: the input statistics of this layer (:mod:`autodecomp.calibration`).
+            damping: ``λ`` (> 0 unless ``Σ`` is non-singular).
+            refine_steps: L-BFGS iterations of the second stage (0 skips it).
+            cache: where factorisations are kept.
+            **opts: the method's own options, as for :meth:`from_weight`.
+        """
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps!r}")
+        module = cls.whitened_init(
+            weight, bias, spec, rank, stats, damping=damping, cache=cache, **opts
+        )
+        if refine_steps > 0:
+            extra = json.dumps({k: repr(v) for k, v in opts.items()}, sort_keys=True)
+            key = (
+                f"{cls.name}/data-v1/{weight_key(weight)}/{stats.key}/"
+                f"{json.dumps(rank, sort_keys=True)}/{damping!r}/{refine_steps}/{extra}"
+            )
+            factor = stats.patch_factor(damping)
+
+            def refine() -> list[torch.Tensor]:
+                refine_output_fit(module, weight, factor, refine_steps)
+                return [p.detach().clone() for n, p in module.named_parameters() if n != "bias"]
+
+            fitted = cache.get_or_compute(key, refine)
+            with torch.no_grad():
+                mine = [p for n, p in module.named_parameters() if n != "bias"]
+                for param, value in zip(mine, fitted, strict=True):
+                    param.copy_(value)
+        balance_norms(module)
+        return module.to(dtype=weight.dtype)
+
+    @classmethod
+    def whitened_init(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: Rank,
+        stats: InputStats,
+        *,
+        damping: float,
+        cache: FactorCache,
+        **opts: Any,
+    ) -> DecomposedConv:
+        """First stage of :meth:`from_calibration` (float64 factors).
+
+        With an :attr:`input_stage`: factorise ``W' = W ×_C L_C`` (``L_C`` the Cholesky
+        factor of the damped channel moment ``Σ_C``) by the method's own initialisation, then
+        right-multiply the input stage by ``L_C^{-1}``. For an ALS method this is the fit
+        weighted by ``Σ_C``; for an SVD method it is the SVD in whitened coordinates, optimal
+        for the output error when the input's spatial correlation is ignored
+        (``Σ = Σ_C ⊗ I``). Without an input stage (the structure does not survive an
+        arbitrary input-channel map): the weight-space initialisation.
+        """
+        if cls.input_stage is None:
+            module = cls.from_weight(weight, bias, spec, rank, cache=cache, **opts)
+            return module.to(dtype=torch.float64)
+        factor = stats.channel_factor(damping)
+        whitened = whiten_input(weight.detach(), factor)
+        module = cls.from_weight(whitened, bias, spec, rank, cache=cache, **opts)
+        stage = module.get_submodule(cls.input_stage)
+        with torch.no_grad():
+            rows = unwhiten_rows(stage.weight[:, :, 0, 0], factor)
+            stage.weight.copy_(rows[:, :, None, None])
+        return module
 
     @classmethod
     def empty_like(cls, spec: ConvSpec, rank: Rank, weight: torch.Tensor) -> DecomposedConv:

@@ -70,6 +70,7 @@ class CPConv(DecomposedConv):
     """
 
     rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh, kw)]"
+    input_stage = "first"
 
     def __init__(self, spec: ConvSpec, rank: int) -> None:
         super().__init__(spec, rank)

@@ -73,6 +73,7 @@ class SliceShiftConv(DecomposedConv):
         "int r (same rank per spatial slice), kh*kw per-slice ranks in [0, min(C, F)], "
         'or {"channels": R}: R channels to the largest singular values of all slices'
     )
+    input_stage = "first"
 
     def __init__(self, spec: ConvSpec, rank: Any) -> None:
         ranks = _even(spec, rank["channels"]) if isinstance(rank, dict) else tuple(rank)

@@ -54,6 +54,7 @@ class TensorRingConv(DecomposedConv):
         "[ra, rb, re] with ra*rb <= C, ra*re <= F, rb <= kh*kw*re, re <= kh*kw*rb; "
         "an int r means [r, r, r]"
     )
+    input_stage = "first"
 
     def __init__(self, spec: ConvSpec, rank: TRRank) -> None:
         super().__init__(spec, rank)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..factorize.cache import default_cache, weight_key
+from ..factorize.cache import FactorCache, default_cache, weight_key
+from ..factorize.output_fit import unwhiten_rows, whiten_input
 from .base import DecomposedConv, register
 from .layers import SpatialConv, pointwise
 from .spec import ConvSpec
+
+if TYPE_CHECKING:
+    from ..calibration import InputStats
 
 
 def _hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,6 +45,7 @@ class Tucker2Conv(DecomposedConv):
     """Tucker-2 along the channel modes; HOSVD init (nested in ranks), optional HOOI refine."""
 
     rank_help = "(R_in, R_out) with 1 <= R_in <= C, 1 <= R_out <= F; an int r means (r, r)"
+    input_stage = "first"
 
     def __init__(self, spec: ConvSpec, rank: tuple[int, int]) -> None:
         super().__init__(spec, rank)
@@ -109,6 +114,57 @@ class Tucker2Conv(DecomposedConv):
             module.first.weight.copy_(u_in[:, :r_in].T.reshape(r_in, -1, 1, 1).to(dtype))
             module.core.weight.copy_(core[:r_out, :r_in].to(dtype))
             module.last.weight.copy_(u_out[:, :r_out].reshape(-1, r_out, 1, 1).to(dtype))
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        return module
+
+    @classmethod
+    def whitened_init(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: ConvSpec,
+        rank: tuple[int, int],
+        stats: InputStats,
+        *,
+        damping: float,
+        cache: FactorCache,
+        **_: Any,
+    ) -> Tucker2Conv:
+        """HOSVD in whitened coordinates with a least-squares core (nested bases, cached).
+
+        Output basis: left singular vectors of ``W L`` (``L`` the Cholesky factor of the
+        damped patch moment, ``W`` read as ``(F, C*kh*kw)``), the optimal output-mode
+        truncation for the full input statistics. Input stage: the leading input-channel
+        basis of ``W ×_C L_C`` mapped back by ``L_C^{-1}`` (``Σ_C`` the channel moment). Core:
+        the least-squares minimiser of the output error ``||(W_hat - W) L||`` given both.
+        Exactly optimal when one mode is kept whole: ``R_in = C`` for any statistics,
+        ``R_out = F`` when ``Σ = Σ_C ⊗ I`` (always for 1x1 convs).
+        """
+        r_in, r_out = rank
+        f, c, kh, kw = weight.shape
+        patch = stats.patch_factor(damping)
+        w64 = weight.detach().to(patch)
+
+        def bases() -> tuple[torch.Tensor, torch.Tensor]:
+            u_out = torch.linalg.svd(w64.reshape(f, -1) @ patch, full_matrices=False)[0]
+            channel = stats.channel_factor(damping)
+            whitened = whiten_input(w64, channel).transpose(0, 1).reshape(c, -1)
+            v_in = torch.linalg.svd(whitened, full_matrices=False)[0]
+            return u_out, unwhiten_rows(v_in.T, channel)
+
+        key = f"tucker/data/{weight_key(weight)}/{stats.key}/{damping!r}"
+        u_out, rows = cache.get_or_compute(key, bases)
+        u, first = u_out[:, :r_out], rows[:r_in]
+        # W_hat = u @ G @ (first ⊗ I_S): solve min_G ||G (first ⊗ I_S) L - u^T W L||
+        design = torch.einsum("rc,csd->rsd", first, patch.reshape(c, kh * kw, -1))
+        target = u.T @ (w64.reshape(f, -1) @ patch)
+        core = torch.linalg.lstsq(design.reshape(r_in * kh * kw, -1).T, target.T).solution.T
+        module = cls.empty_like(spec, rank, w64)
+        with torch.no_grad():
+            module.first.weight.copy_(first[:, :, None, None])
+            module.core.weight.copy_(core.reshape(r_out, r_in, kh, kw))
+            module.last.weight.copy_(u[:, :, None, None])
             if bias is not None:
                 module.bias.copy_(bias.detach())
         return module

@@ -3,7 +3,8 @@
 SVD-family factorisations are stored once per layer and truncated for any rank; ALS results
 are stored per (layer, rank). Entries live in memory (LRU) and, when a directory is set, on
 disk as atomically renamed ``torch.save`` files, so worker processes of one study share
-them safely: a reader never sees a half-written file.
+them safely: a reader never sees a half-written file, and a missing entry is computed under
+a per-entry lock file, so processes that need it at once compute it once.
 """
 
 from __future__ import annotations
@@ -11,25 +12,44 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, exclusive_lock
 
 __all__ = ["FactorCache", "default_cache", "weight_key"]
 
 
+# id(tensor) -> (weak reference, (data_ptr, version), key); entries leave with their tensor.
+_KEYS: dict[int, tuple[weakref.ref, tuple[int, int], str]] = {}
+
+
 def weight_key(weight: torch.Tensor) -> str:
-    """A content hash of a tensor (shape, dtype and values)."""
+    """A content hash of a tensor (shape, dtype and values).
+
+    Hashing a 512x512x3x3 kernel takes milliseconds, more than a warm rank change, so the
+    hash is remembered per tensor object (a layer's ``weight`` parameter) together with its
+    storage address and version counter: an in-place update or a new ``.data`` rehashes.
+    """
+    stamp = (weight.data_ptr(), weight._version)
+    known = _KEYS.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == stamp:
+        return known[2]
     data = weight.detach().to("cpu").contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{tuple(data.shape)}|{data.dtype}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+    key = digest.hexdigest()
+    if known is None or known[0]() is not weight:
+        weakref.finalize(weight, _KEYS.pop, id(weight), None)
+    _KEYS[id(weight)] = (weakref.ref(weight), stamp, key)
+    return key
 
 
 class FactorCache:
@@ -63,9 +83,14 @@ class FactorCache:
                 return self._memory[key]
         value = self._load(key)
         if value is None:
-            self.misses += 1
-            value = compute()
-            self._store(key, value)
+            with self._compute_lock(key):
+                value = self._load(key)  # another process may have stored it meanwhile
+                if value is None:
+                    self.misses += 1
+                    value = compute()
+                    self._store(key, value)
+                else:
+                    self.hits += 1
         else:
             self.hits += 1
         with self._lock:
@@ -80,6 +105,10 @@ class FactorCache:
             return None
         safe = hashlib.blake2b(key.encode(), digest_size=20).hexdigest()
         return self.directory / f"{safe}.pt"
+
+    def _compute_lock(self, key: str) -> AbstractContextManager[None]:
+        path = self._path(key)
+        return nullcontext() if path is None else exclusive_lock(path.with_suffix(".lock"))
 
     def _load(self, key: str) -> Any:
         path = self._path(key)

@@ -1,0 +1,295 @@
+"""Search quality: hypervolume of the per-layer search vs random search and uniform sweeps.
+
+At an equal number of trials and the same fine-tune budget (one :class:`Objective`, so the
+same distillation steps, gates and cost counting for every arm), compares the hypervolume
+(:func:`autodecomp.report.hypervolume`: normalised ``1 - accuracy`` and cost over the
+baseline, reference accuracy 0 at the baseline's cost) reached by:
+
+- the search with each of ``--samplers`` (Optuna TPE with the study's options, NSGA-II
+  with ``--population``, random search) over the study's search space;
+- one uniform sweep per method of the space: every searched layer that method (layers that
+  do not offer it stay dense), ratios on a grid. The grid is the way users compress with
+  TensorLy-Torch or MUSCO today, made as strong as possible: candidate ratios over the
+  space's ratio range that fit the budgets, one plan per distinct set of ranks, ``--trials``
+  of them spread evenly by MACs (fewer when fewer distinct plans fit).
+
+Budget accounting: every arm runs until ``--trials`` candidates within the budgets have
+been fine-tuned (or stopped by a pruning gate): an over-budget candidate is never trained
+and costs milliseconds, so this is an equal fine-tune budget. The search arms draw over-
+budget candidates too (at most ``--cap`` x ``--trials`` trials in all); "HV@N trials" is
+their hypervolume after the first ``--trials`` trials of any kind (equal trial count).
+
+Every arm runs once per seed (sampler seed and fine-tune seed vary together; the baseline
+and data split stay fixed) in memory; warm starts only with ``--warm-start``. Prints one
+row per arm (mean, standard deviation, range and per-seed values of the hypervolume) and
+the search arms' margin over the best uniform sweep under both accountings:
+
+    python bench/search_quality.py                            # digits, 20 trials, 3 seeds
+    python bench/search_quality.py --trials 24 --seeds 3 --set proxy.steps=80
+    python bench/search_quality.py --study studies/resnet20_digits/study.yaml --trials 16 \\
+        --seeds 2 --samplers tpe random --uniform tucker tt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import FixedTrial
+
+from autodecomp.baseline import Baseline, load_baseline
+from autodecomp.config import SamplerConfig, StudyConfig, load_config
+from autodecomp.decompositions import get_method, methods
+from autodecomp.objective import CATCH, Objective
+from autodecomp.report import hypervolume, hypervolume_frame
+from autodecomp.space import KEEP, SearchSpace, suggest_plan, uniform_params
+from autodecomp.study import make_sampler, prepare
+from autodecomp.surgery import apply_plan, replace_module
+
+_CANDIDATES = 64  # ratios tried per method when building a uniform grid
+
+
+def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSampler):
+    """An in-memory study carrying the attributes :func:`hypervolume` reads."""
+    study = optuna.create_study(directions=cfg.directions, sampler=sampler)
+    study.set_user_attr("config", cfg.to_dict())
+    study.set_user_attr("baseline", baseline.info())
+    study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
+    return study
+
+
+def _skeleton(baseline: Baseline, space: SearchSpace, plan: dict[str, Any]) -> torch.nn.Module:
+    """The compressed model's structure (uninitialised factors): enough to count its cost.
+
+    Entries that are not a plain registered method (e.g. shift pruning) are applied for real.
+    """
+    plain = set(methods()) | {KEEP}
+    if any(e["method"] not in plain or e.get("prune") for e in plan.values()):
+        return apply_plan(baseline.model, plan)
+    model = copy.deepcopy(baseline.model)
+    specs = {layer.name: layer.spec for layer in space.layers}
+    for name, entry in plan.items():
+        if entry["method"] == KEEP:
+            continue
+        cls = get_method(entry["method"])
+        spec = specs[name]
+        rank = (
+            cls.rank_for_ratio(spec, entry["ratio"])
+            if "ratio" in entry
+            else cls.normalize_rank(spec, entry["rank"])
+        )
+        replace_module(model, name, cls(spec, rank))
+    return model
+
+
+def uniform_grid(
+    space: SearchSpace, method: str, objective: Objective, count: int
+) -> list[dict[str, Any]]:
+    """Up to ``count`` fixed trial parameters of distinct, within-budget uniform plans.
+
+    Candidate ratios span the space's ratio range (log-spaced when the range is); plans
+    with the same ranks everywhere are kept once; the survivors are spread evenly by MACs.
+    """
+    r = objective.cfg.space.ratio
+    spread = np.geomspace if r.log else np.linspace
+    found: dict[str, tuple[float, dict[str, Any]]] = {}
+    for ratio in spread(r.lo, r.hi, _CANDIDATES):
+        params = uniform_params(space, method, float(ratio))
+        plan = suggest_plan(FixedTrial(params), space)
+        macs, params_count, layers = objective.cost(
+            _skeleton(objective.baseline, space, plan), plan
+        )
+        cost = {"macs": macs, "params": params_count}
+        if any(cost.get(k, 0) > limit for k, limit in objective.limits.items()):
+            continue
+        key = json.dumps({n: [rec["method"], rec["rank"]] for n, rec in layers.items()})
+        found.setdefault(key, (macs, params))
+    plans = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
+    if len(plans) <= count:
+        return plans
+    return [
+        plans[i] for i in sorted(set(np.linspace(0, len(plans) - 1, count).round().astype(int)))
+    ]
+
+
+def _sampler(cfg: StudyConfig, name: str, seed: int, population: int):
+    options: dict[str, Any] = {}
+    if name == cfg.sampler.name:
+        options = dict(cfg.sampler.options)
+    if name == "nsga2":
+        options["population_size"] = population
+    return make_sampler(SamplerConfig(name, cfg.sampler.seed + seed, options))
+
+
+def _within_budget(study: optuna.Study) -> int:
+    """Finished trials that were within budget: each cost a fine-tune (or reached a gate)."""
+    return sum(t.user_attrs.get("over_budget") is False for t in study.trials)
+
+
+def _run_arm(
+    cfg: StudyConfig,
+    baseline: Baseline,
+    objective: Objective,
+    sampler: optuna.samplers.BaseSampler,
+    trials: int,
+    cap: int,
+    enqueued: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Run until ``trials`` candidates were within budget (at most ``cap`` trials in all;
+    the ``enqueued`` ones first, then the sampler's).
+
+    Over-budget candidates cost no fine-tune (milliseconds each), so they do not count
+    against the arm's budget; ``hv_first`` is the hypervolume after the first ``trials``
+    trials of any kind instead.
+    """
+    study = _study(cfg, baseline, sampler)
+    for params in enqueued:
+        study.enqueue_trial(params)
+
+    def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if _within_budget(study) >= trials:
+            study.stop()
+
+    start = time.perf_counter()
+    study.optimize(objective, cap, catch=CATCH, callbacks=[stop])
+    seconds = time.perf_counter() - start
+    history = hypervolume_frame(study)
+    counts = pd.Series([t.state.name for t in study.trials]).value_counts()
+    trained = sum("distill" in (t.user_attrs.get("seconds") or {}) for t in study.trials)
+    return {
+        "hypervolume": hypervolume(study),
+        "hv_first": float(history.hypervolume.iloc[min(trials, len(history)) - 1]),
+        "trials": len(study.trials),
+        "within_budget": _within_budget(study),
+        "trained": trained,
+        "pruned": int(counts.get("PRUNED", 0)),
+        "failed": int(counts.get("FAIL", 0)),
+        "seconds": seconds,
+    }
+
+
+def _table(rows: pd.DataFrame, arms: list[str]) -> str:
+    """Mean per arm of trials, within-budget candidates, fine-tuned ones, HV and seconds."""
+    lines = [
+        f"{'arm':<16}{'trials':>7}{'in budget':>10}{'tuned':>6}{'HV mean':>9}{'std':>8}"
+        f"{'min':>8}{'max':>8}{'HV@N trials':>13}{'s/seed':>8}  HV per seed"
+    ]
+    for arm in arms:
+        part = rows[rows.arm == arm].sort_values("seed")
+        hv = part.hypervolume
+        lines.append(
+            f"{arm:<16}{part.trials.mean():>7.1f}{part.within_budget.mean():>10.1f}"
+            f"{part.trained.mean():>6.1f}{hv.mean():>9.4f}"
+            f"{hv.std(ddof=1) if len(hv) > 1 else 0.0:>8.4f}{hv.min():>8.4f}{hv.max():>8.4f}"
+            f"{part.hv_first.mean():>13.4f}{part.seconds.mean():>8.0f}  "
+            + " ".join(f"{v:.4f}" for v in hv)
+        )
+    return "\n".join(lines)
+
+
+def _verdict(frame: pd.DataFrame, column: str, what: str) -> list[str]:
+    """Each search arm against the best uniform sweep (by mean, and per seed) on ``column``."""
+    names = list(dict.fromkeys(frame.arm))
+    uniform = [a for a in names if a.startswith("uniform:")]
+    if not uniform:
+        return []
+    means = frame.groupby("arm")[column].mean()
+    best = max(uniform, key=lambda a: means[a])
+    best_by_seed = frame[frame.arm.isin(uniform)].groupby("seed")[column].max()
+    lines = [f"{what}: best uniform sweep {best} (mean HV {means[best]:.4f})"]
+    for arm in [a for a in names if a not in uniform]:
+        part = frame[frame.arm == arm].set_index("seed")[column]
+        wins = int((part > best_by_seed.reindex(part.index)).sum())
+        lines.append(
+            f"  {arm}: {means[arm] - means[best]:+.4f} mean HV vs {best}; above every uniform "
+            f"sweep of the same seed in {wins}/{len(part)} seeds"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default="studies/digits/study.yaml")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "random"])
+    parser.add_argument("--uniform", nargs="*", default=None, help="methods (default: space's)")
+    parser.add_argument("--population", type=int, default=8, help="NSGA-II population size")
+    parser.add_argument(
+        "--cap", type=int, default=5, help="at most CAP x trials per arm, over budget included"
+    )
+    parser.add_argument(
+        "--warm-start", action="store_true", help="search arms start with the study's warm starts"
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--csv", help="also write the per-seed rows here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    cfg = load_config(args.study, args.overrides)
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    space = prepared.space
+    offered = list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
+    methods = offered if args.uniform is None else args.uniform
+    first = Objective(cfg, space, baseline, prepared.splits)
+    grids = {m: uniform_grid(space, m, first, args.trials) for m in methods}
+    print(
+        f"study {args.study}: {len(space.layers)} layers, methods {', '.join(offered)}; "
+        f"{args.trials} trials x {args.seeds} seeds per arm; proxy {cfg.proxy.steps} steps; "
+        f"budgets {cfg.budgets.limits(baseline.macs, baseline.params)}; objectives "
+        f"{', '.join(cfg.objectives)}; baseline accuracy {baseline.accuracy:.4f}",
+        flush=True,
+    )
+    for method, grid in grids.items():
+        if not grid:
+            print(f"uniform:{method}: no uniform plan fits the budgets; arm left out")
+    rows = []
+    for seed in range(args.seeds):
+        seeded = dataclasses.replace(cfg, seed=cfg.seed + seed)
+        objective = Objective(seeded, space, baseline, prepared.splits)
+        warm = [params for _, params in prepared.warm_starts] if args.warm_start else []
+        arms: list[tuple[str, optuna.samplers.BaseSampler, list[dict[str, Any]]]] = [
+            (name, _sampler(cfg, name, seed, args.population), warm) for name in args.samplers
+        ]
+        arms += [
+            (f"uniform:{m}", optuna.samplers.RandomSampler(seed=seed), grid)
+            for m, grid in grids.items()
+            if grid
+        ]
+        for arm, sampler, grid in arms:
+            cap = len(grid) if arm.startswith("uniform:") else args.cap * args.trials
+            result = _run_arm(seeded, baseline, objective, sampler, args.trials, cap, grid)
+            rows.append({"arm": arm, "seed": seed, **result})
+            print(
+                f"seed {seed} {arm:<16} HV {result['hypervolume']:.4f} "
+                f"(first {args.trials} trials {result['hv_first']:.4f}; {result['trials']} "
+                f"trials, {result['within_budget']} in budget, {result['trained']} fine-tuned, "
+                f"{result['seconds']:.0f} s)",
+                flush=True,
+            )
+    frame = pd.DataFrame(rows)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    print()
+    print(_table(frame, list(dict.fromkeys(frame.arm))))
+    print()
+    n = args.trials
+    for line in _verdict(frame, "hypervolume", f"equal fine-tunes ({n} candidates in budget)"):
+        print(line)
+    for line in _verdict(frame, "hv_first", f"equal trials (the first {n}, over budget included)"):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
