@@ -214,8 +214,18 @@ class DecomposedConv(nn.Module, ABC):
 
     @classmethod
     def empty_like(cls, spec: ConvSpec, rank: Rank, weight: torch.Tensor) -> DecomposedConv:
-        """An uninitialised layer on the device and in the dtype of ``weight``."""
-        return cls(spec, rank).to(device=weight.device, dtype=weight.dtype)
+        """An uninitialised layer on the device and in the dtype of ``weight``.
+
+        Built on the meta device and then given empty storage, so the default random
+        initialisation of its sub-layers (most of a warm rank change) is skipped; a layer
+        with buffers (computed in its constructor) is built normally.
+        """
+        with torch.device("meta"):
+            module = cls(spec, rank)
+        if next(module.buffers(), None) is not None:
+            module = cls(spec, rank)
+            return module.to(device=weight.device, dtype=weight.dtype)
+        return module.to_empty(device=weight.device).to(dtype=weight.dtype)
 
     @classmethod
     def random(cls, spec: ConvSpec, rank: Rank, generator: torch.Generator) -> DecomposedConv:

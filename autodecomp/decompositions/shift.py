@@ -148,9 +148,9 @@ class SliceShiftConv(DecomposedConv):
         cache=default_cache,
         **_: Any,
     ) -> SliceShiftConv:
-        w64 = weight.detach().to(torch.float64)
         u, s, vh = cache.get_or_compute(
-            f"shift/slices/{weight_key(weight)}", lambda: _slice_svd(w64)
+            f"shift/slices/{weight_key(weight)}",
+            lambda: _slice_svd(weight.detach().to(torch.float64)),
         )
         ranks = _largest(s, rank["channels"]) if isinstance(rank, dict) else tuple(rank)
         root = s.sqrt()

@@ -99,15 +99,18 @@ class Tucker2Conv(DecomposedConv):
         **_: Any,
     ) -> Tucker2Conv:
         r_in, r_out = rank
-        w64 = weight.detach().to(torch.float64)
+
+        def w64() -> torch.Tensor:
+            return weight.detach().to(torch.float64)
+
         if hooi_iters > 0:
             key = f"tucker/hooi/{weight_key(weight)}/{r_in}/{r_out}/{hooi_iters}"
             u_out, u_in, core = cache.get_or_compute(
-                key, lambda: _hooi(w64, r_in, r_out, hooi_iters)
+                key, lambda: _hooi(w64(), r_in, r_out, hooi_iters)
             )
         else:
             key = f"tucker/hosvd/{weight_key(weight)}"
-            u_out, u_in, core = cache.get_or_compute(key, lambda: _hosvd(w64))
+            u_out, u_in, core = cache.get_or_compute(key, lambda: _hosvd(w64()))
         module = cls.empty_like(spec, rank, weight)
         dtype = weight.dtype
         with torch.no_grad():
