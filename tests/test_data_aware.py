@@ -190,3 +190,13 @@ def test_singular_statistics_need_damping_and_layers_must_be_convs():
         ad.decompose_conv(conv, "tucker", rank=2, calibration=stats, refine_steps=-1)
     with pytest.raises(ValueError, match=r"'1' is not an nn.Conv2d"):
         collect_input_stats(nn.Sequential(conv, nn.ReLU()), ["1"], [_inputs(2, 1)])
+
+
+def test_without_whitening_the_refinement_starts_from_the_weight_init():
+    conv = _conv(padding=1)
+    stats = _stats(conv, _inputs(8, 1))
+    plain = ad.decompose_conv(conv, "cp", rank=4)
+    start = ad.decompose_conv(conv, "cp", rank=4, calibration=stats, whiten=False, refine_steps=0)
+    torch.testing.assert_close(start.dense_weight(), plain.dense_weight(), rtol=1e-12, atol=1e-12)
+    refined = ad.decompose_conv(conv, "cp", rank=4, calibration=stats, whiten=False)
+    assert _rel_output_error(stats, refined, conv) < 0.9 * _rel_output_error(stats, plain, conv)

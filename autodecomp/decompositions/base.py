@@ -133,6 +133,7 @@ class DecomposedConv(nn.Module, ABC):
         *,
         damping: float = DATA_DAMPING,
         refine_steps: int = REFINE_STEPS,
+        whiten: bool = True,
         cache: FactorCache = default_cache,
         **opts: Any,
     ) -> DecomposedConv:
@@ -149,19 +150,25 @@ class DecomposedConv(nn.Module, ABC):
             stats: the input statistics of this layer (:mod:`autodecomp.calibration`).
             damping: ``λ`` (> 0 unless ``Σ`` is non-singular).
             refine_steps: L-BFGS iterations of the second stage (0 skips it).
+            whiten: run :meth:`whitened_init`; ``False`` starts the refinement from the
+                weight-space initialisation instead.
             cache: where factorisations are kept.
             **opts: the method's own options, as for :meth:`from_weight`.
         """
         if refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {refine_steps!r}")
-        module = cls.whitened_init(
-            weight, bias, spec, rank, stats, damping=damping, cache=cache, **opts
-        )
+        if whiten:
+            module = cls.whitened_init(
+                weight, bias, spec, rank, stats, damping=damping, cache=cache, **opts
+            )
+        else:
+            module = cls.from_weight(weight, bias, spec, rank, cache=cache, **opts)
+            module = module.to(dtype=torch.float64)
         if refine_steps > 0:
             extra = json.dumps({k: repr(v) for k, v in opts.items()}, sort_keys=True)
             key = (
                 f"{cls.name}/data-v1/{weight_key(weight)}/{stats.key}/"
-                f"{json.dumps(rank, sort_keys=True)}/{damping!r}/{refine_steps}/{extra}"
+                f"{json.dumps(rank, sort_keys=True)}/{damping!r}/{refine_steps}/{whiten}/{extra}"
             )
             factor = stats.patch_factor(damping)
 
