@@ -26,6 +26,7 @@ __all__ = [
     "Budgets",
     "ConfigError",
     "DataConfig",
+    "InitialDesign",
     "LatencyConfig",
     "LayerRule",
     "ModelConfig",
@@ -96,6 +97,7 @@ class SpaceConfig:
     ranks: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     shift_prune: RatioRange | None = None
     overrides: tuple[LayerRule, ...] = ()
+    init: str = "weight"  # "data": decomposed layers fit their output on calibration images
     source: str = "<inline>"
 
 
@@ -150,6 +152,12 @@ class ProxyConfig:
     floor_batches: int = 2
     calibration_size: int = 64
     max_output_error: float | None = None
+    warmup_steps: int | None = None  # linear LR warm-up of the distillation; None: steps // 10
+
+    @property
+    def warmup(self) -> int:
+        """The distillation's warm-up steps (``warmup_steps``, by default a tenth of ``steps``)."""
+        return self.steps // 10 if self.warmup_steps is None else min(self.warmup_steps, self.steps)
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,17 @@ class WarmStart:
 
 
 @dataclass(frozen=True)
+class InitialDesign:
+    """Zero-training allocations enqueued on study creation (:mod:`autodecomp.allocate`).
+
+    ``plans`` of them (0: none), from ``grid`` ratios per method and layer.
+    """
+
+    plans: int = 0
+    grid: int = 8
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A whole study, validated. ``folder`` holds the outputs (db, baseline cache, tables)."""
 
@@ -231,6 +250,7 @@ class StudyConfig:
     threads: int | None = None
     warm_start: tuple[WarmStart, ...] = ()
     latency: LatencyConfig = LatencyConfig()
+    initial_design: InitialDesign = InitialDesign()
 
     @property
     def directions(self) -> list[str]:
@@ -420,7 +440,8 @@ def _rank_choices(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-_SPACE_KEYS = ("layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides")
+_SPACE_KEYS = ("layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init")
+_INITS = ("weight", "data")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
 
 
@@ -450,6 +471,9 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
             )
         )
     shift = raw.get("shift_prune")
+    init = raw.get("init", "weight")
+    if init not in _INITS:
+        raise ConfigError(f"unknown {where}.init {_show(init)}; valid: {', '.join(_INITS)}")
     return SpaceConfig(
         include=_strings(layers.get("include", "*"), f"{where}.layers.include"),
         exclude=_strings(layers.get("exclude", []), f"{where}.layers.exclude"),
@@ -459,6 +483,7 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
         ranks=_rank_choices(raw.get("ranks"), f"{where}.ranks"),
         shift_prune=None if shift is None else _shift_range(shift, f"{where}.shift_prune"),
         overrides=tuple(overrides),
+        init=init,
         source=source,
     )
 
@@ -506,6 +531,7 @@ _STUDY_KEYS = (
     "threads",
     "warm_start",
     "latency",
+    "initial_design",
 )
 
 
@@ -586,6 +612,7 @@ def _proxy(raw: Any) -> ProxyConfig:
             "floor_batches": lambda v, w: _int(v, w, 1),
             "calibration_size": _int,
             "max_output_error": lambda v, w: None if v is None else _positive(v, w),
+            "warmup_steps": lambda v, w: None if v is None else _int(v, w),
         },
     )
     if proxy.accuracy_floor > 0 and not (1 <= proxy.floor_step <= proxy.steps):
@@ -661,6 +688,17 @@ def _warm_start(raw: Any) -> tuple[WarmStart, ...]:
         else:
             out.append(WarmStart(method, _positive(item.get("ratio"), f"{where}.ratio")))
     return tuple(out)
+
+
+def _initial_design(raw: Any) -> InitialDesign:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = {"plans": raw}
+    return _dataclass_section(
+        InitialDesign,
+        raw,
+        "initial_design",
+        {"plans": _int, "grid": lambda v, w: _int(v, w, 2)},
+    )
 
 
 def _device(raw: Any) -> str:
@@ -767,6 +805,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         threads=None if raw.get("threads") is None else _int(raw["threads"], "threads", 1),
         warm_start=_warm_start(raw.get("warm_start", [])),
         latency=_latency(raw.get("latency"), device),
+        initial_design=_initial_design(raw.get("initial_design")),
     )
 
 

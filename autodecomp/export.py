@@ -313,11 +313,12 @@ def _finetune(cfg, model, teacher, splits, number: int, epochs: int, lr: float |
             num_workers=cfg.data.num_workers, drop_last=len(splits.train) > p.batch_size,
         )  # fmt: skip
 
-    def distill(batches, steps: int, lr: float) -> None:
+    def distill(batches, steps: int, lr: float, warmup: int) -> None:
         if steps > 0:
             train.distill(
                 model, teacher, batches, steps=steps, lr=lr, temperature=p.temperature,
                 alpha=p.alpha, weight_decay=p.weight_decay, device=cfg.device,
+                warmup_steps=warmup,
             )  # fmt: skip
 
     train.set_seed(cfg.seed + number)
@@ -325,10 +326,10 @@ def _finetune(cfg, model, teacher, splits, number: int, epochs: int, lr: float |
         train.recalibrate_bn(
             model, loader(cfg.seed + number), batches=p.bn_batches, device=cfg.device
         )
-    distill(loader(cfg.seed + number + 1), p.steps, p.lr)
+    distill(loader(cfg.seed + number + 1), p.steps, p.lr, p.warmup)
     extra = loader(cfg.seed + number + 2)
     steps = epochs * len(extra)
-    distill(extra, steps, lr)
+    distill(extra, steps, lr, steps // 10)
     return {"bn_batches": p.bn_batches, "proxy_steps": p.steps, "proxy_lr": p.lr,
             "epochs": epochs, "steps": steps, "lr": lr}  # fmt: skip
 
@@ -368,9 +369,10 @@ def export_trial(
     from .baseline import cache_paths, load_baseline
     from .cost import count_macs, count_params
     from .data import make_loader
+    from .objective import data_init_stats
     from .report import read_study
     from .study import prepare
-    from .surgery import apply_plan
+    from .surgery import apply_plan, data_init_layers
 
     _check_format(fmt)
     if finetune_epochs < 0:
@@ -388,7 +390,9 @@ def export_trial(
     plan = frozen.user_attrs["plan"]
     if frozen.user_attrs.get("over_budget"):
         log(f"note: trial {trial} is over the study's budget (the search did not train it)")
-    model = apply_plan(baseline.model, plan)
+    data_init = data_init_layers(plan)
+    stats = data_init_stats(cfg, baseline.model, prepared.splits, data_init) if data_init else None
+    model = apply_plan(baseline.model, plan, calibration=stats)
     log(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
     finetune = _finetune(cfg, model, baseline.model, prepared.splits, trial, finetune_epochs, lr)
     evaluate = cfg.proxy.eval_batch_size

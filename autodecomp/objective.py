@@ -43,6 +43,7 @@ from torch.utils.data import Subset
 
 from . import train
 from .baseline import Baseline
+from .calibration import InputStats, collect_input_stats
 from .config import StudyConfig
 from .cost import count_macs, count_params
 from .data import DataSplits, make_loader
@@ -54,14 +55,28 @@ from .decompositions import (
 from .latency import LatencyMeter, structure_key
 from .proxies import Calibration, calibration_batch, kernel_errors, mean_error
 from .prune import PRUNE
-from .space import SearchSpace, suggest_plan
+from .space import SearchSpace, data_init_supported, suggest_plan
 from .surgery import apply_plan
 
-__all__ = ["CATCH", "Objective", "PlanCost"]
+__all__ = ["CATCH", "DATA_INIT_IMAGES", "Objective", "PlanCost", "data_init_stats"]
 
 # Exceptions that fail a single trial (recorded in ``fail_reason``) without stopping the study:
 # a failed factorisation, a layer a method cannot take, a non-finite distillation loss.
 CATCH = (DecompositionError, UnsupportedLayerError, FloatingPointError)
+
+
+DATA_INIT_IMAGES = 256  # training images whose patch statistics fit ``init: data`` layers
+
+
+def data_init_stats(
+    cfg: StudyConfig, model: nn.Module, splits: DataSplits, names: list[str]
+) -> dict[str, InputStats]:
+    """Input statistics of the named convs for ``init: data`` plans: ``DATA_INIT_IMAGES``
+    training images drawn with seed ``cfg.seed + 1`` (the search and an export replay
+    use the same ones, so they build the same layers)."""
+    inputs = calibration_batch(splits.train, DATA_INIT_IMAGES, cfg.seed + 1)
+    batches = inputs.split(cfg.proxy.eval_batch_size)
+    return collect_input_stats(model, names, batches, device=cfg.device)
 
 
 class _Clock:
@@ -140,6 +155,10 @@ class PlanCost:
         self._dense = {n: count_macs(model.get_submodule(n), self.shapes[n]) for n in layers}
         self._cache: dict[tuple[str, str, str], int] = {}
 
+    def dense_macs(self, name: str) -> int:
+        """MACs of the dense layer (or shift block) ``name`` in the baseline."""
+        return self._dense[name]
+
     def _layer_macs(self, name: str, module: nn.Module, method: str, rank: Any) -> int:
         if rank is None:
             return self._dense[name]
@@ -193,6 +212,10 @@ class Objective:
         if cfg.measures_latency:
             self.latency = LatencyMeter(cfg.latency, baseline.input_shape, cfg.device)
         self._latency_study: str | None = None  # the study whose stored latencies are cached
+        self.input_stats: dict[str, InputStats] | None = None
+        if space.init == "data":
+            names = [layer.name for layer in space.layers if data_init_supported(layer.spec)]
+            self.input_stats = data_init_stats(cfg, baseline.model, splits, names)
 
     def _train_loader(self, seed: int):
         return make_loader(
@@ -244,7 +267,7 @@ class Objective:
             plan = suggest_plan(trial, self.space)
         trial.set_user_attr("plan", plan)
         with clock("decompose"):
-            model = apply_plan(base.model, plan)
+            model = apply_plan(base.model, plan, calibration=self.input_stats)
         with clock("count"):
             macs, params, layers = self.cost(model, plan)
         cost: dict[str, float] = {"macs": macs, "params": params}
@@ -327,6 +350,7 @@ class Objective:
                 alpha=p.alpha,
                 weight_decay=p.weight_decay,
                 device=device,
+                warmup_steps=p.warmup,
                 callback=self._callback(trial, model, clock),
             )
         with clock("eval"):

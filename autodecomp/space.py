@@ -39,6 +39,9 @@ __all__ = [
     "BlockSpace",
     "LayerSpace",
     "SearchSpace",
+    "block_params",
+    "data_init_supported",
+    "layer_params",
     "resolve_space",
     "suggest_plan",
     "uniform_params",
@@ -87,6 +90,7 @@ class SearchSpace:
 
     layers: tuple[LayerSpace, ...]
     blocks: tuple[BlockSpace, ...] = ()
+    init: str = "weight"  # "data": decomposed layers are fitted to calibration outputs
 
     @property
     def names(self) -> list[str]:
@@ -195,7 +199,7 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
             )
         )
     blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
-    return SearchSpace(tuple(layers), blocks_space)
+    return SearchSpace(tuple(layers), blocks_space, cfg.init)
 
 
 def _suggest_ratio(trial: optuna.Trial, name: str, r: RatioRange) -> float:
@@ -220,10 +224,17 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
         if method in layer.prunable:
             prune = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
             plan[layer.name]["prune"] = prune
+        if method != KEEP and space.init == "data" and data_init_supported(layer.spec):
+            plan[layer.name]["init"] = "data"
     for block in space.blocks:
         prune = _suggest_ratio(trial, f"{block.name}/shift_prune", block.prune)
         plan[block.name] = {"method": PRUNE, "prune": prune}
     return plan
+
+
+def data_init_supported(spec: ConvSpec) -> bool:
+    """Whether a layer's input statistics can be collected (plain zero-padded convs)."""
+    return spec.groups == 1 and spec.padding_mode == "zeros"
 
 
 def _snap(ratio: float, r: RatioRange) -> float:
@@ -244,12 +255,35 @@ def _nearest_rank(layer: LayerSpace, method: str, ratio: float) -> RankCode:
     return within[-1] if within else sized[0][1]
 
 
+def layer_params(layer: LayerSpace, method: str, ratio: float | None = None) -> dict[str, Any]:
+    """Fixed parameters putting ``layer`` on ``method`` at about ``ratio``.
+
+    The ratio is clipped (and snapped to the step) into the layer's range; with explicit
+    ranks, the largest rank within the ratio is taken; a pruned method's pruning ratio is
+    the range's low end.
+    """
+    params: dict[str, Any] = {f"{layer.name}/method": method}
+    if method == KEEP:
+        return params
+    if method in layer.ranks:
+        params[f"{layer.name}/{method}/rank"] = _nearest_rank(layer, method, ratio)
+    else:
+        params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio)
+    if method in layer.prunable:
+        params[f"{layer.name}/{method}/prune"] = layer.prune.lo
+    return params
+
+
+def block_params(space: SearchSpace) -> dict[str, Any]:
+    """The pruned shift blocks at the low end of their pruning range."""
+    return {f"{block.name}/shift_prune": block.prune.lo for block in space.blocks}
+
+
 def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) -> dict[str, Any]:
     """Fixed parameters of a uniform baseline: every layer ``method`` at ``ratio``.
 
-    Layers that do not offer ``method`` are kept dense; the ratio is clipped (and snapped
-    to the step) into each layer's range; with explicit ranks, the largest rank within the
-    ratio is taken. Pruning ratios (shift blocks, pruned methods) are the range's low end.
+    Layers that do not offer ``method`` are kept dense; each layer's value is that of
+    :func:`layer_params`; shift blocks are at the low end of their pruning range.
 
     Raises:
         ConfigError: no layer offers ``method``, or a layer offers neither it nor ``keep``.
@@ -261,21 +295,13 @@ def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) 
         )
     params: dict[str, Any] = {}
     for layer in space.layers:
-        key = f"{layer.name}/method"
-        if method != KEEP and method in layer.choices:
-            params[key] = method
-            if method in layer.ranks:
-                params[f"{layer.name}/{method}/rank"] = _nearest_rank(layer, method, ratio)
-            else:
-                params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio)
-            if method in layer.prunable:
-                params[f"{layer.name}/{method}/prune"] = layer.prune.lo
+        if method in layer.choices:
+            params |= layer_params(layer, method, ratio)
         elif KEEP in layer.choices:
-            params[key] = KEEP
+            params |= layer_params(layer, KEEP)
         else:
             raise ConfigError(
                 f"warm_start {method!r}: layer {layer.name!r} offers neither it nor keep "
                 f"(choices: {', '.join(layer.choices)})"
             )
-    params |= {f"{block.name}/shift_prune": block.prune.lo for block in space.blocks}
-    return params
+    return params | block_params(space)

@@ -18,7 +18,7 @@ import inspect
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from .allocate import Ladder, allocation_ladder
 from .baseline import Baseline, load_baseline
-from .config import ConfigError, SamplerConfig, StudyConfig
+from .config import ConfigError, SamplerConfig, StudyConfig, config_from_dict
 from .data import DataSplits, load_data
 from .factorize import default_cache
 from .models import get_model
@@ -54,6 +55,7 @@ __all__ = [
     "run_search",
     "setup_study",
     "shared_factor_cache",
+    "study_callbacks",
     "trial_summary",
 ]
 
@@ -161,9 +163,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` if ``new`` differs from the stored config beyond what a
-    resume may change (``trials``, ``storage``, ``device``, ``threads``)."""
+    resume may change (``trials``, ``storage``, ``device``, ``threads``). Keys the stored
+    config lacks (a study made by an older version) compare as their defaults."""
     if stored is None:
         return
+    with suppress(ConfigError):  # unreadable: compared as stored, the message names the key
+        stored = config_from_dict(stored, ".").to_dict()
     old_flat, new_flat = _flatten(stored), _flatten(new)
     for key in sorted(set(old_flat) | set(new_flat)):
         if key in _HARMLESS or old_flat.get(key) == new_flat.get(key):
@@ -175,11 +180,33 @@ def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[
         )
 
 
-def open_study(cfg: StudyConfig, prepared: Prepared, baseline: Baseline) -> optuna.Study:
+def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+def open_study(
+    cfg: StudyConfig,
+    prepared: Prepared,
+    baseline: Baseline,
+    log: Callable[[str], None] | None = None,
+) -> optuna.Study:
     """Load the study, or create it (storing config, folder and baseline, enqueueing warm
-    starts). Workers find the baseline and factor cache in the stored ``folder``."""
+    starts, then the first rung of the allocation ladder). Workers find the baseline and
+    factor cache in the stored ``folder``. The allocation ladder (:mod:`autodecomp.allocate`)
+    is computed before the study is created: an interrupted creation leaves nothing behind."""
     storage = open_storage(cfg.storage)
     config = cfg.to_dict()
+    ladder = None
+    if cfg.initial_design.plans > 0 and not _exists(storage, cfg.name):
+        rungs = allocation_ladder(
+            cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid, log=log
+        )
+        accuracy_index = cfg.objectives.index("accuracy")
+        ladder = Ladder(rungs, cfg.initial_design.plans, accuracy_index, baseline.accuracy)
     try:
         study = optuna.create_study(
             study_name=cfg.name,
@@ -198,6 +225,8 @@ def open_study(cfg: StudyConfig, prepared: Prepared, baseline: Baseline) -> optu
     study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
     for label, params in prepared.warm_starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
+    if ladder is not None:
+        ladder.store(study)
     return study
 
 
@@ -277,6 +306,15 @@ def shared_factor_cache(folder: Path) -> Iterator[None]:
         default_cache.set_directory(previous)
 
 
+def study_callbacks(
+    study: optuna.Study, cfg: StudyConfig
+) -> list[Callable[[optuna.Study, FrozenTrial], None]]:
+    """Callbacks every process running trials of ``study`` passes to ``study.optimize``:
+    the allocation ladder's next rung, when the study has one."""
+    ladder = Ladder.from_study(study, cfg.objectives.index("accuracy"))
+    return [] if ladder is None else [ladder]
+
+
 def _optimize(
     study: optuna.Study,
     objective: Objective,
@@ -285,13 +323,14 @@ def _optimize(
     log: Callable[[str], None],
 ) -> bool:
     """Run the missing trials; returns True when interrupted by Ctrl-C."""
+    callbacks = study_callbacks(study, cfg)
     try:
         with _progress(cfg, done, log) as progress:
             study.optimize(
                 objective,
                 n_trials=cfg.trials - done,
                 catch=CATCH,
-                callbacks=[progress],
+                callbacks=[*callbacks, progress],
             )
     except KeyboardInterrupt:
         log("interrupted: writing the tables of the trials so far")
@@ -316,8 +355,8 @@ def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optu
     processes join it with only its name and storage URL.
     """
     prepared, baseline = prepare_baseline(cfg, log)
-    with quiet_optuna():
-        study = open_study(cfg, prepared, baseline)
+    with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
+        study = open_study(cfg, prepared, baseline, log)
     log(
         f"study {cfg.name!r} is ready: {_count(study, COUNTED)}/{cfg.trials} trials done; "
         f"baseline val accuracy {baseline.accuracy:.4f}, cache in {cfg.folder / 'cache'}"
@@ -332,7 +371,7 @@ def run_search(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> Searc
     """Validate, prepare the baseline, run (or resume) the study, write and print the tables."""
     prepared, baseline = prepare_baseline(cfg, log)
     with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
-        study = open_study(cfg, prepared, baseline)
+        study = open_study(cfg, prepared, baseline, log)
         done = _count(study, COUNTED)
         log(
             f"study {cfg.name!r}: {done}/{cfg.trials} trials done; baseline val accuracy "

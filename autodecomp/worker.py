@@ -55,6 +55,7 @@ from .study import (
     prepare_baseline,
     quiet_optuna,
     shared_factor_cache,
+    study_callbacks,
     trial_summary,
 )
 
@@ -349,7 +350,7 @@ def run_worker(
                 lambda: trial_start_lock(url, storage, study_name),
                 catch=CATCH,
                 attrs={"worker": identity},
-                callbacks=[progress],
+                callbacks=[*study_callbacks(study, cfg), progress],
                 retry=heartbeat.retry_callback(),
                 poll_s=min(5.0, heartbeat.interval),
             )

@@ -14,8 +14,8 @@ calibration images from the training split (``init: data``). Reported per method
 - ``loss``: the distillation loss at the end of the fine-tune (mean of its last 10% steps);
 - ``init_s``: seconds to build the compressed model (calibration statistics excluded).
 
-    python bench/data_aware.py studies/digits/study.yaml --ratio 0.25
-    python bench/data_aware.py studies/resnet20_digits/study.yaml --ratio 0.25 --steps 100
+    python bench/data_aware.py studies/digits/study.yaml --ratio 0.25 --seeds 3
+    python bench/data_aware.py studies/resnet20_digits/study.yaml --ratio 0.25 --warmup-steps 20
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def run_method(method: str, ctx: dict, args: argparse.Namespace) -> dict | None:
                 alpha=p.alpha,
                 weight_decay=p.weight_decay,
                 device=device,
+                warmup_steps=p.warmup if args.warmup_steps is None else args.warmup_steps,
             )
             losses.append(result["final_loss"])
             accuracies.append(train.evaluate(student, ctx["test"], device=device))
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--steps", type=int, default=None, help="distillation steps (proxy's)")
     parser.add_argument("--seeds", type=int, default=1, help="fine-tunes averaged per model")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="distillation LR warm-up (the proxy's)"
+    )
     parser.add_argument("--calib-batches", type=int, default=4, help="of --calib-batch images")
     parser.add_argument("--calib-batch", type=int, default=64)
     parser.add_argument("--damping", type=float, default=ad.decompositions.base.DATA_DAMPING)
@@ -135,6 +139,7 @@ def main() -> None:
         f"study={cfg.name} model={cfg.model.name} convs={len(layers)} ratio={args.ratio} "
         f"calibration={calibration[layers[0]].samples} images ({calib_s:.1f} s) "
         f"damping={args.damping:g} refine_steps={args.refine_steps} distill_steps={args.steps} "
+        f"warmup_steps={cfg.proxy.warmup if args.warmup_steps is None else args.warmup_steps} "
         f"seeds={args.seeds} "
         f"dense test accuracy={dense_test:.4f}"
     )

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 from optuna.trial import FixedTrial
 
+from autodecomp.allocate import Ladder, allocation_ladder
 from autodecomp.baseline import Baseline, load_baseline
 from autodecomp.config import SamplerConfig, StudyConfig, load_config
 from autodecomp.decompositions import get_method, methods
@@ -143,6 +144,7 @@ def _run_arm(
     trials: int,
     cap: int,
     enqueued: Sequence[dict[str, Any]] = (),
+    ladder: Ladder | None = None,
 ) -> dict[str, Any]:
     """Run until ``trials`` candidates were within budget (at most ``cap`` trials in all;
     the ``enqueued`` ones first, then the sampler's).
@@ -154,18 +156,29 @@ def _run_arm(
     study = _study(cfg, baseline, sampler)
     for params in enqueued:
         study.enqueue_trial(params)
+    callbacks = []
+    if ladder is not None:
+        ladder.store(study)
+        callbacks.append(ladder)
 
     def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         if _within_budget(study) >= trials:
             study.stop()
 
     start = time.perf_counter()
-    study.optimize(objective, cap, catch=CATCH, callbacks=[stop])
+    study.optimize(objective, cap, catch=CATCH, callbacks=[*callbacks, stop])
     seconds = time.perf_counter() - start
     history = hypervolume_frame(study)
     counts = pd.Series([t.state.name for t in study.trials]).value_counts()
     trained = sum("distill" in (t.user_attrs.get("seconds") or {}) for t in study.trials)
+    accuracy = cfg.objectives.index("accuracy")
+    front = sorted(
+        (t.user_attrs["macs_ratio"], t.values[accuracy])
+        for t in study.best_trials
+        if not t.user_attrs.get("over_budget")
+    )
     return {
+        "front": " ".join(f"{m:.3f}:{a:.3f}" for m, a in front),
         "hypervolume": hypervolume(study),
         "hv_first": float(history.hypervolume.iloc[min(trials, len(history)) - 1]),
         "trials": len(study.trials),
@@ -230,8 +243,18 @@ def main() -> None:
     parser.add_argument(
         "--warm-start", action="store_true", help="search arms start with the study's warm starts"
     )
+    parser.add_argument(
+        "--initial-design",
+        type=int,
+        default=None,
+        help="allocation-ladder trials the tpe / nsga2 arms start with (default: the study's "
+        "initial_design.plans; random search never gets them)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--csv", help="also write the per-seed rows here")
+    parser.add_argument(
+        "--fronts", action="store_true", help="print each arm's front (MACs ratio:accuracy)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -244,11 +267,16 @@ def main() -> None:
     methods = offered if args.uniform is None else args.uniform
     first = Objective(cfg, space, baseline, prepared.splits)
     grids = {m: uniform_grid(space, m, first, args.trials) for m in methods}
+    plans = cfg.initial_design.plans if args.initial_design is None else args.initial_design
+    design_start = time.perf_counter()
+    rungs = allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
+    design_s = time.perf_counter() - design_start
     print(
         f"study {args.study}: {len(space.layers)} layers, methods {', '.join(offered)}; "
         f"{args.trials} trials x {args.seeds} seeds per arm; proxy {cfg.proxy.steps} steps; "
         f"budgets {cfg.budgets.limits(baseline.macs, baseline.params)}; objectives "
-        f"{', '.join(cfg.objectives)}; baseline accuracy {baseline.accuracy:.4f}",
+        f"{', '.join(cfg.objectives)}; baseline accuracy {baseline.accuracy:.4f}; "
+        f"tpe / nsga2 start with {plans} of {len(rungs)} ladder allocations ({design_s:.1f} s)",
         flush=True,
     )
     for method, grid in grids.items():
@@ -259,17 +287,25 @@ def main() -> None:
         seeded = dataclasses.replace(cfg, seed=cfg.seed + seed)
         objective = Objective(seeded, space, baseline, prepared.splits)
         warm = [params for _, params in prepared.warm_starts] if args.warm_start else []
-        arms: list[tuple[str, optuna.samplers.BaseSampler, list[dict[str, Any]]]] = [
-            (name, _sampler(cfg, name, seed, args.population), warm) for name in args.samplers
+        accuracy = cfg.objectives.index("accuracy")
+        arms: list[tuple[str, optuna.samplers.BaseSampler, list[dict[str, Any]], int]] = [
+            (
+                name,
+                _sampler(cfg, name, seed, args.population),
+                warm,
+                0 if name == "random" else plans,
+            )
+            for name in args.samplers
         ]
         arms += [
-            (f"uniform:{m}", optuna.samplers.RandomSampler(seed=seed), grid)
+            (f"uniform:{m}", optuna.samplers.RandomSampler(seed=seed), grid, 0)
             for m, grid in grids.items()
             if grid
         ]
-        for arm, sampler, grid in arms:
+        for arm, sampler, grid, rung_count in arms:
             cap = len(grid) if arm.startswith("uniform:") else args.cap * args.trials
-            result = _run_arm(seeded, baseline, objective, sampler, args.trials, cap, grid)
+            ladder = Ladder(rungs, rung_count, accuracy, baseline.accuracy) if rung_count else None
+            result = _run_arm(seeded, baseline, objective, sampler, args.trials, cap, grid, ladder)
             rows.append({"arm": arm, "seed": seed, **result})
             print(
                 f"seed {seed} {arm:<16} HV {result['hypervolume']:.4f} "
@@ -278,6 +314,8 @@ def main() -> None:
                 f"{result['seconds']:.0f} s)",
                 flush=True,
             )
+            if args.fronts:
+                print(f"    front {result['front']}", flush=True)
     frame = pd.DataFrame(rows)
     if args.csv:
         frame.to_csv(args.csv, index=False)

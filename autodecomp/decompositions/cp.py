@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.cp_als import cp_als
 from .base import DecomposedConv, register
-from .layers import SpatialConv, pointwise
+from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
 _SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread")
@@ -116,8 +115,8 @@ class CPConv(DecomposedConv):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.horizontal(self.vertical(self.first(x)))
-        return F.conv2d(y, self.last.weight, self.bias)
+        y = self.horizontal(self.vertical(pointwise_conv(x, self.first.weight, channels_last=True)))
+        return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return torch.einsum(

@@ -93,7 +93,8 @@ class KroneckerChainConv(DecomposedConv):
     """A conv whose kernel is a chain of Kronecker factors, run as one conv per factor.
 
     Factor ``k`` is a parameter in convolution layout ``(R_{k-1} F_k, R_k C_k, h_k, w_k)``.
-    The input is padded once; the innermost factor runs over groups of ``C_S`` channels,
+    The input is padded once (by the innermost factor's conv, or explicitly when the
+    padding is asymmetric); the innermost factor runs over groups of ``C_S`` channels,
     each next factor contracts ``(r_k, c_k)`` at a dilation grown by the kernel sizes of
     the factors inside it, and the outermost one adds the bias. The layer's stride is
     applied as early in the chain as the kernel split allows (see :func:`_axis_stages`).
@@ -221,10 +222,12 @@ class KroneckerChainConv(DecomposedConv):
         fs = [a[0] for a in self.structure]
         cs = [a[1] for a in self.structure]
         bounds = self._bounds
-        z = self.spec.pad(x)
+        # symmetric padding goes into the first conv (no padded copy of the input)
+        padding = self.spec.symmetric_padding
+        z = x if padding is not None else self.spec.pad(x)
         z = z.reshape(-1, cs[-1], *z.shape[-2:])  # no arithmetic on traced sizes
         stride, dilation = self._stages[-1]
-        z = F.conv2d(z, self.factors[-1], None, stride, 0, dilation)
+        z = F.conv2d(z, self.factors[-1], None, stride, padding or 0, dilation)
         for k in range(len(self.structure) - 2, -1, -1):
             h, w = z.shape[-2:]
             # (n C_<k, C_k, F_>k+1, R_k+1, F_k+1) -> (n C_<k, F_k+1, F_>k+1, R_k+1, C_k)

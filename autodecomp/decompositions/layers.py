@@ -8,11 +8,51 @@ from torch import nn
 
 from .spec import ConvSpec
 
-__all__ = ["SpatialConv", "pointwise"]
+__all__ = ["SpatialConv", "pointwise", "pointwise_conv"]
+
+_MIN_MATMUL_PIXELS = 64  # below this, oneDNN's conv (one GEMM over all images) is faster
+
+
+def pointwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """A 1x1 convolution of ``x (N, C, H, W)`` with ``weight (F, C, 1, 1)``.
+
+    On the CPU, for maps of at least 64 pixels, it runs as one batched matmul over the
+    pixels, the weight broadcast over the batch, reading ``x`` in NCHW or channels-last
+    memory without a copy: oneDNN's NCHW 1x1 convolution is up to 2x slower there
+    (``bench/latency.py``). The result is NCHW, or channels-last with ``channels_last=True``
+    (for a depthwise stage next, which oneDNN runs several times faster in that layout).
+    Smaller maps, a single NCHW image going to NCHW, other devices and ``torch.jit.trace``
+    (what fvcore counts) use ``F.conv2d``; all compute the same sums.
+    """
+    nchw = x.is_contiguous()
+    if (
+        x.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or x.shape[-2] * x.shape[-1] < _MIN_MATMUL_PIXELS
+        or (x.shape[0] == 1 and nchw and not channels_last)
+        or not (nchw or x.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return F.conv2d(x, weight, bias)
+    n, _, h, w = x.shape
+    pixels = x.flatten(2) if nchw else x.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
+    weight = weight.flatten(1)
+    if channels_last:  # (N, P, C) @ (C, F) -> (N, P, F), read as (N, F, H, W)
+        rows, cols = pixels.transpose(1, 2), weight.t().expand(n, -1, -1)
+        y = torch.bmm(rows, cols) if bias is None else torch.baddbmm(bias, rows, cols)
+        return y.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+    rows = weight.expand(n, -1, -1)
+    y = torch.bmm(rows, pixels) if bias is None else torch.baddbmm(bias[:, None], rows, pixels)
+    return y.unflatten(2, (h, w))
 
 
 def pointwise(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2d:
-    """A 1x1 convolution."""
+    """A 1x1 convolution (the decomposed layers run it with :func:`pointwise_conv`)."""
     return nn.Conv2d(in_channels, out_channels, 1, bias=bias)
 
 

@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..factorize.cache import FactorCache, default_cache
 from .base import DecomposedConv, register
 from .cp import cached_cp, check_cp_rank, max_cp_rank
-from .layers import SpatialConv, pointwise
+from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
 
@@ -76,8 +75,8 @@ class PDPConv(DecomposedConv):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.depthwise(self.first(x))
-        return F.conv2d(y, self.last.weight, self.bias)
+        y = self.depthwise(pointwise_conv(x, self.first.weight, channels_last=True))
+        return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return torch.einsum(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..factorize.cache import default_cache, weight_key
 from ..shift import Shift
 from .base import DecomposedConv, register
-from .layers import pointwise
+from .layers import pointwise, pointwise_conv
 from .spec import ConvSpec
 
 Ranks = tuple[int, ...]
@@ -166,7 +166,8 @@ class SliceShiftConv(DecomposedConv):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.shift(self.first(x)), self.last.weight, self.bias)
+        y = self.shift(pointwise_conv(x, self.first.weight))
+        return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         kh, kw = self.spec.kernel_size

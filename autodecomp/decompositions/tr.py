@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..factorize.cache import default_cache, weight_key
 from ..factorize.tensor_train import left_singular_vectors, ring_decompose
 from .base import DecomposedConv, DecompositionError, register
-from .layers import SpatialConv, pointwise
+from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
 TRRank = list[int]
@@ -170,10 +169,10 @@ class TensorRingConv(DecomposedConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ra, rb, re = self.rank
         n = x.shape[0]
-        y = self.first(x)
+        y = pointwise_conv(x, self.first.weight)
         y = self.core(y.reshape(-1, rb, *y.shape[-2:]))  # (n*ra, rb, h, w): no traced shape math
         y = y.reshape(n, ra * re, *y.shape[-2:])
-        return F.conv2d(y, self.last.weight, self.bias)
+        return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         ra, rb, re = self.rank

@@ -4,8 +4,9 @@ With ``C = c_1...c_d`` and ``F = f_1...f_d`` the kernel is viewed as the tensor
 ``(kh*kw, (c_1,f_1), ..., (c_d,f_d))`` and factorised by TT-SVD into a spatial core
 ``K (kh*kw, r_0)`` and channel cores ``G_k (r_{k-1}, c_k, f_k, r_k)`` with ``r_d = 1``.
 Forward: every input channel is convolved with the ``r_0`` spatial filters (stride, padding
-and dilation here), the channel cores are contracted one by one with matmuls, and the last
-core is a grouped 1x1 conv that also adds the bias.
+and dilation here), the channel cores are contracted one by one with batched matmuls (input
+channels taken in reverse factor order, so no intermediate is permuted), and the last core
+is a grouped 1x1 conv that also adds the bias.
 """
 
 from __future__ import annotations
@@ -251,14 +252,14 @@ class TensorTrainConv(DecomposedConv):
 
     # ---- forward ------------------------------------------------------------------------------
     def _core_matrix(self, k: int) -> torch.Tensor:
-        """Core ``k`` as a matrix: rows ``(c_k, r_k)``, columns ``(f_k, r_{k+1})``.
+        """Core ``k`` as a matrix: rows ``(r_{k+1}, f_k)``, columns ``(c_k, r_k)``.
 
         Shapes come from Python ints, never from traced tensor sizes, so fvcore sees no
         shape arithmetic.
         """
         bonds = [*self.ranks, 1]
         c, f = self.in_factors[k], self.out_factors[k]
-        return self.cores[k].permute(1, 0, 2, 3).reshape(c * bonds[k], f * bonds[k + 1])
+        return self.cores[k].permute(3, 2, 1, 0).reshape(bonds[k + 1] * f, c * bonds[k])
 
     def _last_weight(self) -> torch.Tensor:
         """The last core as a grouped 1x1 conv weight: one ``(f_d, c_d*r)`` block per group."""
@@ -268,20 +269,24 @@ class TensorTrainConv(DecomposedConv):
         return block.expand(groups, f, c * r).reshape(self.spec.out_channels, c * r, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        cs, fs, d = self.in_factors, self.out_factors, len(self.in_factors)
-        y = self.spatial(x.reshape(-1, 1, h, w))  # (n*c, r_0, ho, wo)
+        n, c, h, w = x.shape
+        cs, fs, d, ranks = self.in_factors, self.out_factors, len(self.in_factors), self.ranks
+        if d > 1:  # channels (c_1..c_d) -> (c_d..c_1): c_1 lands next to r_0 below
+            x = x.reshape(n, *cs, h, w).permute(0, *range(d, 0, -1), d + 1, d + 2)
+            x = x.reshape(n, c, h, w)
+        y = self.spatial(x.reshape(-1, 1, h, w))  # (n c_d..c_1, r_0, ho, wo)
         ho, wo = y.shape[-2:]
-        # state (n, P, c_{k+1..d}, f_{1..k}, r_k), starting at k = 0
-        y = y.reshape(n, *cs, self.ranks[0], -1).permute(0, d + 2, *range(1, d + 2))
+        # state (n c_d..c_{k+1} c_k, r_k, f_{k-1}..f_1 P): each core is one batched matmul of
+        # its (r_{k+1} f_k, c_k r_k) matrix, with views (no copies, no shape arithmetic for
+        # fvcore) in between
+        y = y.flatten(2)
         for k in range(d - 1):
-            last = y.dim() - 1
-            y = y.permute(0, 1, *range(3, last), 2, last)  # c_{k+1} next to r_k
-            lead = y.shape[:-2]
-            y = y.reshape(*lead, -1) @ self._core_matrix(k)
-            y = y.reshape(*lead, fs[k], self.ranks[k + 1])
-        # (n, P, c_d, f_{1..d-1}, r) -> (n, f_{1..d-1}, c_d, r, P): last core as a grouped 1x1
-        y = y.permute(0, *range(3, d + 2), 2, d + 2, 1).reshape(n, -1, ho, wo)
+            y = y.unflatten(0, (-1, cs[k])).flatten(1, 2)
+            y = torch.bmm(self._core_matrix(k).expand(y.shape[0], -1, -1), y)
+            y = y.unflatten(1, (ranks[k + 1], fs[k])).flatten(2, 3)
+        # (n, c_d, r, f_{d-1}..f_1, P) -> (n, f_1..f_{d-1}, c_d, r, P): last core as grouped 1x1
+        y = y.reshape(n, cs[-1], ranks[-1], *fs[-2::-1], ho, wo)
+        y = y.permute(0, *range(d + 1, 2, -1), 1, 2, d + 2, d + 3).reshape(n, -1, ho, wo)
         groups = self.spec.out_channels // fs[-1]
         return F.conv2d(y, self._last_weight(), self.bias, groups=groups)
 

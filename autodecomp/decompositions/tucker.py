@@ -10,7 +10,7 @@ import torch
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import unwhiten_rows, whiten_input
 from .base import DecomposedConv, register
-from .layers import SpatialConv, pointwise
+from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
 if TYPE_CHECKING:
@@ -173,8 +173,8 @@ class Tucker2Conv(DecomposedConv):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.core(self.first(x))
-        return torch.nn.functional.conv2d(y, self.last.weight, self.bias)
+        y = self.core(pointwise_conv(x, self.first.weight))
+        return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return torch.einsum(

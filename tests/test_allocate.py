@@ -1,0 +1,193 @@
+"""The zero-training initial design: the (MACs, summed error) front and the enqueued plans."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import FixedTrial
+
+from autodecomp.allocate import Ladder, Option, allocation_ladder, error_front
+from autodecomp.baseline import load_baseline
+from autodecomp.cli import main
+from autodecomp.config import ProxyConfig, load_config
+from autodecomp.cost import count_macs, count_params
+from autodecomp.space import suggest_plan
+from autodecomp.study import prepare
+from autodecomp.surgery import apply_plan
+
+STUDY = {
+    "model": "digits_cnn",
+    "data": {"name": "digits", "image_size": 8},
+    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+    "space": {
+        "layers": {"exclude": ["conv1"]},
+        "methods": ["tucker", "tt"],
+        "ratio": {"range": [0.1, 0.9], "log": True},
+    },
+    "proxy": {"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
+    "budgets": {"max_macs": 0.7},
+    "trials": 4,
+    "threads": 1,
+    "initial_design": {"plans": 3, "grid": 5},
+}
+
+
+def _options(rng: random.Random, count: int) -> list[Option]:
+    return [Option({}, rng.randrange(1, 50), 0, round(rng.random(), 3)) for _ in range(count)]
+
+
+def _brute_front(layers: list[list[Option]]) -> list[tuple[int, float]]:
+    points = sorted(
+        (sum(o.macs for o in combo), sum(o.error for o in combo))
+        for combo in itertools.product(*layers)
+    )
+    front: list[tuple[int, float]] = []
+    for macs, error in points:
+        if not front or error < front[-1][1] - 1e-12:
+            front.append((macs, error))
+    return front
+
+
+def test_error_front_is_the_exact_pareto_front():
+    rng = random.Random(0)
+    layers = [_options(rng, n) for n in (4, 6, 5)]
+    front = error_front({f"l{i}": opts for i, opts in enumerate(layers)})
+    expected = _brute_front(layers)
+    assert [(m, round(e, 9)) for m, e, _ in front] == [(m, round(e, 9)) for m, e in expected]
+    for macs, error, picks in front:  # each point's choice adds up to its totals
+        assert sum(layers[i][p].macs for i, p in enumerate(picks)) == macs
+        assert sum(layers[i][p].error for i, p in enumerate(picks)) == pytest.approx(error)
+
+
+def test_error_front_thinning_keeps_both_ends():
+    rng = random.Random(1)
+    layers = {f"l{i}": _options(rng, 12) for i in range(4)}
+    full = error_front(layers)
+    thin = error_front(layers, keep_at_most=5)
+    assert len(full) > 5 and len(thin) == 5
+    assert thin[0][:2] == full[0][:2] and thin[-1][:2] == full[-1][:2]
+
+
+def test_proxy_warmup_defaults_to_a_tenth_of_the_steps():
+    assert ProxyConfig(steps=80).warmup == 8
+    assert ProxyConfig(steps=9).warmup == 0
+    assert ProxyConfig(steps=80, warmup_steps=0).warmup == 0
+    assert ProxyConfig(steps=10, warmup_steps=50).warmup == 10
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("alloc") / "tiny"
+    folder.mkdir()
+    (folder / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    cfg = load_config(folder / "study.yaml")
+    prepared = prepare(cfg)
+    load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    return folder
+
+
+def test_allocation_ladder_fits_the_budget_cheapest_first(template):
+    cfg = load_config(template / "study.yaml")
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
+    assert rungs == allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
+    assert len(rungs) >= 5
+    shape = baseline.input_shape
+    ratios = [m for m, _ in rungs]
+    assert ratios == sorted(ratios) and len(set(ratios)) == len(ratios)
+    assert ratios[-1] <= 0.7
+    for ratio, params in rungs:  # the stored ratio is the plan's fvcore count
+        model = apply_plan(baseline.model, suggest_plan(FixedTrial(params), prepared.space))
+        assert count_macs(model, shape) == pytest.approx(ratio * baseline.macs, abs=0.5)
+        assert count_params(model) < baseline.params
+    # the first rung is the cheapest option on every layer: nothing in the space is cheaper
+    cheapest = {}
+    for layer in prepared.space.layers:
+        for method in layer.choices:
+            plan = {layer.name: {"method": method, "ratio": layer.ratio.lo}}
+            if method == "keep":
+                plan = {layer.name: {"method": "keep"}}
+            cost = count_macs(apply_plan(baseline.model, plan), shape)
+            cheapest[layer.name] = min(cheapest.get(layer.name, cost), cost)
+    floor = baseline.macs - sum(baseline.macs - c for c in cheapest.values())
+    assert ratios[0] * baseline.macs == pytest.approx(floor, abs=0.5)
+
+
+def _rungs(*ratios: float) -> list[tuple[float, dict]]:
+    return [(r, {"x": r}) for r in ratios]
+
+
+def _done(rung: int | None, macs: float, accuracy: float, total: int = 7):
+    attrs = {"macs_ratio": macs, "over_budget": False}
+    if rung is not None:
+        attrs["warm_start"] = f"allocation {rung + 1}/{total}"
+    return optuna.trial.create_trial(values=[accuracy, macs], user_attrs=attrs)
+
+
+def test_ladder_fills_the_largest_gap_of_the_staircase():
+    ladder = Ladder(_rungs(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6), 5, 0, 0.97)
+    assert ladder.next_rung([]) == 0  # the cheapest first
+    # below the baseline's accuracy: the gap above reaches the dearest rung -> its middle
+    trials = [_done(0, 0.1, 0.80)]
+    assert ladder.next_rung(trials) == 4  # 0.3 is nearest to (0.1 + 0.6) / 2
+    # [0.1, 0.3] rises 0.8 -> 0.96 (area 0.032); above 0.3 only to 0.97 (0.003)
+    trials.append(_done(4, 0.3, 0.96))
+    assert ladder.next_rung(trials) == 2  # 0.2: the middle of [0.1, 0.3]
+    # a point that does not raise the staircase closes its gap; a sampler's trial counts too
+    trials += [_done(2, 0.2, 0.79), _done(None, 0.25, 0.965)]
+    # gaps: [0.1, 0.2] 0; [0.2, 0.25] 0.05 * 0.165 but no rung inside; [0.25, 0.3] 0;
+    # above 0.3: 0.3 * (0.97 - 0.965) -> the rung nearest 0.45
+    assert ladder.next_rung(trials) == 5
+    trials.append(_done(5, 0.4, 0.975))
+    # above the baseline's accuracy the plateau is closed; [0.1, 0.2] is free but flat
+    assert ladder.next_rung(trials) is None
+    # the plan count bounds the rungs tried
+    assert Ladder(ladder.rungs, 2, 0, 0.97).next_rung(trials[:2]) is None
+    assert Ladder(ladder.rungs, 3, 0, 0.97).next_rung(trials[:2]) == 2
+
+
+def test_ladder_callback_keeps_one_rung_waiting():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ladder = Ladder(_rungs(0.1, 0.3, 0.6), 3, 0, 0.97)
+    ladder.store(study)
+    assert [t.state.name for t in study.trials] == ["WAITING"]
+    ladder(study, study.trials[0])  # one is waiting: nothing more
+    assert len(study.trials) == 1
+    assert Ladder.from_study(study, 0).rungs == ladder.rungs
+
+
+def test_search_enqueues_the_design_once_and_resumes_older_studies(template, tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    shutil.copytree(template, folder)
+    study_yaml = folder / "study.yaml"
+    assert main(["search", str(study_yaml), "--trials", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "initial design: " in out
+    storage = f"sqlite:///{folder / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    labels = [t.user_attrs.get("warm_start", "") for t in study.trials]
+    assert labels[0].startswith("allocation 1/")  # the cheapest rung first
+    assert [label.startswith("allocation ") for label in labels] == [True] * 3 + [False]
+    assert len(set(labels[:3])) == 3
+    # the design is part of the config: changing it on resume is refused
+    assert main(["search", str(study_yaml), "--set", "initial_design.grid=6"]) == 2
+    assert "initial_design.grid=5, now 6" in capsys.readouterr().err
+    # a study stored by a version without `initial_design` / `proxy.warmup_steps` resumes
+    # under a config that leaves them at their defaults
+    config = json.loads(json.dumps(study.user_attrs["config"]))
+    del config["initial_design"]
+    del config["proxy"]["warmup_steps"]
+    study.set_user_attr("config", config)
+    assert main(["search", str(study_yaml), "--trials", "5", "--set", "initial_design=2"]) == 2
+    assert main(["search", str(study_yaml), "--trials", "5", "--set", "initial_design={}"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.trials) == 5
+    assert sum("warm_start" in t.user_attrs for t in study.trials) == 3
