@@ -27,12 +27,15 @@ import optuna
 from autodecomp.baseline import load_baseline
 from autodecomp.config import load_config
 from autodecomp.objective import CATCH, Objective
-from autodecomp.study import open_study, prepare
+from autodecomp.study import open_study, prepare, study_callbacks
 
 # Phases that are the proxy's real work: fine-tune steps (the floor check runs inside
 # them) and the evaluations. Everything else is overhead.
 _WORK = ("distill", "pre_eval", "eval")
-_ORDER = ("plan", "decompose", "count", "record", "bn_recal", "pre_eval", "distill", "eval")
+_ORDER = (
+    "plan", "decompose", "count", "latency", "proxy", "record", "bn_recal", "pre_eval", "distill",
+    "eval",
+)  # fmt: skip
 
 
 def _run(study_yaml: str, trials: int | None, overrides: list[str]):
@@ -48,10 +51,14 @@ def _run(study_yaml: str, trials: int | None, overrides: list[str]):
     prepared = prepare(cfg)
     baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = open_study(cfg, prepared, baseline)
+    created = time.perf_counter()
+    study = open_study(cfg, prepared, baseline)  # builds the allocation ladder, if configured
+    print(f"study created in {time.perf_counter() - created:.2f} s (once per study)")
     objective = Objective(cfg, prepared.space, baseline, prepared.splits)
     start = time.perf_counter()
-    study.optimize(objective, n_trials=cfg.trials, catch=CATCH)
+    study.optimize(
+        objective, n_trials=cfg.trials, catch=CATCH, callbacks=study_callbacks(study, cfg)
+    )
     return cfg, study, time.perf_counter() - start
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import FixedTrial
+from tiny_study import make_study
 
 from autodecomp.allocate import Ladder, Option, allocation_ladder, error_front
 from autodecomp.baseline import load_baseline
@@ -84,13 +84,7 @@ def test_proxy_warmup_defaults_to_a_tenth_of_the_steps():
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("alloc") / "tiny"
-    folder.mkdir()
-    (folder / "study.yaml").write_text(yaml.safe_dump(STUDY))
-    cfg = load_config(folder / "study.yaml")
-    prepared = prepare(cfg)
-    load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
-    return folder
+    return make_study(tmp_path_factory.mktemp("alloc"), STUDY).parent
 
 
 def test_allocation_ladder_fits_the_budget_cheapest_first(template):

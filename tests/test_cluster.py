@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from tiny_study import make_study
 
 from autodecomp import baseline as baseline_module
 from autodecomp import storage as storage_module
@@ -62,13 +63,7 @@ def _quiet_optuna():
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A study folder with its baseline trained and cached."""
-    folder = tmp_path_factory.mktemp("cluster") / "tiny"
-    folder.mkdir()
-    (folder / "study.yaml").write_text(yaml.safe_dump(STUDY))
-    cfg = load_config(folder / "study.yaml")
-    prepared = prepare(cfg)
-    load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
-    return folder
+    return make_study(tmp_path_factory.mktemp("cluster"), STUDY).parent
 
 
 def _free_port() -> int:

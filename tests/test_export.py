@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from tiny_study import make_study
 
 import autodecomp as ad
 from autodecomp import export, report
 from autodecomp.config import ConfigError, load_config
 from autodecomp.models import get_model
-from autodecomp.study import run_search
 
 STUDY = {
     "model": "digits_cnn",
@@ -48,12 +47,7 @@ def _quiet(_line: str) -> None:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
     """A finished tiny study (3 trials: shift, gkpd, tucker) with its cached baseline."""
-    folder = tmp_path_factory.mktemp("export") / "tiny"
-    folder.mkdir()
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(STUDY))
-    run_search(load_config(path), log=_quiet)
-    return path
+    return make_study(tmp_path_factory.mktemp("export"), STUDY, search=True)
 
 
 @pytest.fixture(scope="module")

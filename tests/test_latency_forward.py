@@ -68,13 +68,19 @@ def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(y, last, bias)
 
 
+def _random_layer(method: str, conv: nn.Conv2d, ratio: float, *, seed: int):
+    """A seeded random decomposed layer of ``conv``'s geometry at ``ratio``."""
+    spec = ConvSpec.from_conv(conv)
+    cls = get_method(method)
+    return cls.random(spec, cls.rank_for_ratio(spec, ratio), torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("method", ["tucker", "cp", "pdp", "tr", "shift"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_pointwise_methods_forward_unchanged(method, stride):
-    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=True)
-    spec = ConvSpec.from_conv(conv)
-    cls = get_method(method)
-    layer = cls.random(spec, cls.rank_for_ratio(spec, 0.3), torch.Generator().manual_seed(3))
+    layer = _random_layer(
+        method, nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=True), 0.3, seed=3
+    )
     x = _seeded(5, 16, 17, 16)
     with torch.no_grad():
         expected = _reference(layer, x)
@@ -85,25 +91,21 @@ def test_pointwise_methods_forward_unchanged(method, stride):
 
 @pytest.mark.parametrize("method", ad.methods())
 def test_fvcore_counts_a_batch_as_batch_times_macs(method):
-    conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
-    spec = ConvSpec.from_conv(conv)
-    cls = get_method(method)
-    layer = cls.random(spec, cls.rank_for_ratio(spec, 0.3), torch.Generator().manual_seed(0))
+    layer = _random_layer(method, nn.Conv2d(8, 12, 3, padding=1, bias=True), 0.3, seed=0)
     assert ad.count_macs(layer, (3, 8, 10, 9)) == 3 * layer.macs(10, 9)
 
 
 @pytest.mark.parametrize("method", ["gkpd", "sekron"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_kronecker_chain_padding_in_first_conv_equals_explicit_pad(method, stride):
-    conv = nn.Conv2d(8, 12, 3, stride=stride, padding=1, bias=True)
-    spec = ConvSpec.from_conv(conv)
-    cls = get_method(method)
-    layer = cls.random(spec, cls.rank_for_ratio(spec, 0.4), torch.Generator().manual_seed(1))
-    unpadded = cls(dataclasses.replace(spec, padding=(0, 0, 0, 0)), layer.rank)
+    layer = _random_layer(
+        method, nn.Conv2d(8, 12, 3, stride=stride, padding=1, bias=True), 0.4, seed=1
+    )
+    unpadded = type(layer)(dataclasses.replace(layer.spec, padding=(0, 0, 0, 0)), layer.rank)
     unpadded.load_state_dict(layer.state_dict())
     x = _seeded(2, 8, 10, 11)
     with torch.no_grad():
-        expected = unpadded(spec.pad(x))
+        expected = unpadded(layer.spec.pad(x))
         out = layer(x)
     scale = float(expected.abs().max())
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * scale)

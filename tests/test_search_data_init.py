@@ -9,6 +9,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from tiny_study import make_study
 
 from autodecomp import export
 from autodecomp.baseline import load_baseline
@@ -16,7 +17,7 @@ from autodecomp.config import ConfigError, load_config
 from autodecomp.cost import count_macs
 from autodecomp.objective import Objective
 from autodecomp.space import uniform_params
-from autodecomp.study import prepare, run_search
+from autodecomp.study import prepare
 
 STUDY = {
     "model": "digits_cnn",
@@ -42,12 +43,7 @@ def _quiet(_line: str) -> None:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data_init") / "tiny"
-    folder.mkdir()
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(STUDY))
-    run_search(load_config(path), log=_quiet)
-    return path
+    return make_study(tmp_path_factory.mktemp("data_init"), STUDY, search=True)
 
 
 def test_unknown_init_is_a_config_error(tmp_path):

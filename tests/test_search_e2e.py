@@ -10,15 +10,15 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-import yaml
+from tiny_study import make_study
 
 import autodecomp as ad
 from autodecomp import objective as objective_module
-from autodecomp.baseline import cache_paths, load_baseline
+from autodecomp.baseline import cache_paths
 from autodecomp.cli import main
 from autodecomp.config import load_config
 from autodecomp.models import get_model
-from autodecomp.study import COUNTED, prepare
+from autodecomp.study import COUNTED
 
 STUDY = {
     "model": "digits_cnn",
@@ -41,13 +41,7 @@ STUDY = {
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A study folder with its baseline already trained and cached (copied by each test)."""
-    folder = tmp_path_factory.mktemp("template") / "tiny"
-    folder.mkdir()
-    (folder / "study.yaml").write_text(yaml.safe_dump(STUDY))
-    cfg = load_config(folder / "study.yaml")
-    prepared = prepare(cfg)
-    load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
-    return folder
+    return make_study(tmp_path_factory.mktemp("template"), STUDY).parent
 
 
 @pytest.fixture

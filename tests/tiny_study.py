@@ -1,0 +1,27 @@
+"""A tiny study folder for end-to-end tests: its ``study.yaml``, the baseline trained once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autodecomp.baseline import load_baseline
+from autodecomp.config import load_config
+from autodecomp.study import prepare, run_search
+
+
+def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) -> Path:
+    """Write ``folder/tiny/study.yaml``, train and cache its baseline (``search``: run the
+    whole study instead); returns the ``study.yaml`` path."""
+    path = folder / "tiny" / "study.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(path)
+    if search:
+        run_search(cfg, log=lambda line: None)
+    else:
+        prepared = prepare(cfg)
+        load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    return path
