@@ -200,7 +200,7 @@ def allocation_ladder(
     if log is not None:
         count = sum(len(o) for o in options.values())
         log(
-            f"initial design: {len(rungs)} zero-training allocations within budget "
+            f"allocation ladder: {len(rungs)} zero-training allocations within budget "
             f"({count} layer options scored in {time.perf_counter() - start:.1f} s)"
         )
     return rungs

@@ -207,6 +207,8 @@ def open_study(
         )
         accuracy_index = cfg.objectives.index("accuracy")
         ladder = Ladder(rungs, cfg.initial_design.plans, accuracy_index, baseline.accuracy)
+        if log is not None:
+            log(f"up to {min(ladder.plans, len(rungs))} trials climb it, after any warm starts")
     try:
         study = optuna.create_study(
             study_name=cfg.name,

@@ -164,7 +164,7 @@ def test_search_enqueues_the_design_once_and_resumes_older_studies(template, tmp
     study_yaml = folder / "study.yaml"
     assert main(["search", str(study_yaml), "--trials", "4"]) == 0
     out = capsys.readouterr().out
-    assert "initial design: " in out
+    assert "allocation ladder: " in out and "up to 3 trials climb it" in out
     storage = f"sqlite:///{folder / 'study.db'}"
     study = optuna.load_study(study_name="tiny", storage=storage)
     labels = [t.user_attrs.get("warm_start", "") for t in study.trials]
