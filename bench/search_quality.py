@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--study", default="studies/digits/study.yaml")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "random"])
+    parser.add_argument("--samplers", nargs="*", default=["tpe", "nsga2", "random"])
     parser.add_argument("--uniform", nargs="*", default=None, help="methods (default: space's)")
     parser.add_argument("--population", type=int, default=8, help="NSGA-II population size")
     parser.add_argument(
@@ -269,7 +269,12 @@ def main() -> None:
     grids = {m: uniform_grid(space, m, first, args.trials) for m in methods}
     plans = cfg.initial_design.plans if args.initial_design is None else args.initial_design
     design_start = time.perf_counter()
-    rungs = allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
+    searched = any(name != "random" for name in args.samplers) and plans > 0
+    rungs = (
+        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
+        if searched
+        else []
+    )
     design_s = time.perf_counter() - design_start
     print(
         f"study {args.study}: {len(space.layers)} layers, methods {', '.join(offered)}; "
