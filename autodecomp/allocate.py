@@ -63,7 +63,7 @@ def _grid_ratios(space: SearchSpace, grid: int) -> list[float]:
     return [float(r) for r in spread(lo, hi, grid)]
 
 
-def suggest_plan_entry(layer: LayerSpace, params: Mapping[str, Any]) -> dict[str, Any]:
+def _plan_entry(layer: LayerSpace, params: Mapping[str, Any]) -> dict[str, Any]:
     """The plan entry :func:`~autodecomp.space.suggest_plan` makes of ``layer``'s params."""
     return suggest_plan(FixedTrial(dict(params)), SearchSpace((layer,)))[layer.name]
 
@@ -79,13 +79,14 @@ def layer_options(
     cost: PlanCost,
     calibration: Calibration | None,
     grid: int,
+    dense: Mapping[str, Option],
 ) -> dict[str, list[Option]]:
     """Every layer's options (``keep`` first, then distinct (method, rank) ones) with
-    their MACs, parameters and relative output error (kernel error without calibration)."""
-    options: dict[str, list[Option]] = {}
-    for layer in space.layers:
-        dense = _dense_option(model, cost, layer)
-        options[layer.name] = [dense] if KEEP in layer.choices else []
+    their MACs, parameters and relative output error (kernel error without calibration);
+    ``dense`` holds each layer's ``keep`` option."""
+    options = {
+        layer.name: [dense[layer.name]] if KEEP in layer.choices else [] for layer in space.layers
+    }
     methods = list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
     seen: set[tuple[str, str]] = set()
     for method in methods:
@@ -101,7 +102,7 @@ def layer_options(
                     continue
                 seen.add(key)
                 chosen[layer.name] = params
-                plan[layer.name] = suggest_plan_entry(layer, params)
+                plan[layer.name] = _plan_entry(layer, params)
             if not plan:
                 continue
             compressed = apply_plan(model, plan)
@@ -177,9 +178,9 @@ def allocation_ladder(
     if cfg.proxy.calibration_size > 0:
         inputs = calibration_batch(splits.train, cfg.proxy.calibration_size, cfg.seed)
         calibration = Calibration(model, inputs, cfg.device)
-    options = layer_options(model, space, cost, calibration, grid)
-    names = list(options)
     dense = {layer.name: _dense_option(model, cost, layer) for layer in space.layers}
+    options = layer_options(model, space, cost, calibration, grid, dense)
+    names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
     found: list[tuple[float, dict[str, Any]]] = []
     for _, _, choice in error_front(options):
