@@ -40,7 +40,15 @@ from .proxies import Calibration, calibration_batch, kernel_errors
 from .space import KEEP, LayerSpace, SearchSpace, block_params, layer_params, suggest_plan
 from .surgery import apply_plan
 
-__all__ = ["MAX_RUNGS", "Ladder", "Option", "allocation_ladder", "error_front", "layer_options"]
+__all__ = [
+    "MAX_RUNGS",
+    "Ladder",
+    "Option",
+    "allocation_ladder",
+    "dense_option",
+    "error_front",
+    "layer_options",
+]
 
 MAX_RUNGS = 256  # allocations kept on the ladder (spread evenly over log-MACs)
 
@@ -68,7 +76,8 @@ def _plan_entry(layer: LayerSpace, params: Mapping[str, Any]) -> dict[str, Any]:
     return suggest_plan(FixedTrial(dict(params)), SearchSpace((layer,)))[layer.name]
 
 
-def _dense_option(model: nn.Module, cost: PlanCost, layer: LayerSpace) -> Option:
+def dense_option(model: nn.Module, cost: PlanCost, layer: LayerSpace) -> Option:
+    """``layer``'s ``keep`` option: its dense MACs and parameters, error 0."""
     dense = model.get_submodule(layer.name)
     return Option(layer_params(layer, KEEP), cost.dense_macs(layer.name), count_params(dense), 0.0)
 
@@ -80,10 +89,12 @@ def layer_options(
     calibration: Calibration | None,
     grid: int,
     dense: Mapping[str, Option],
+    score: str = "layer",
 ) -> dict[str, list[Option]]:
     """Every layer's options (``keep`` first, then distinct (method, rank) ones) with
-    their MACs, parameters and relative output error (kernel error without calibration);
-    ``dense`` holds each layer's ``keep`` option."""
+    their MACs, parameters and error: the relative output error of the layer (``score``
+    ``layer``) or of the network with only that layer replaced (``network``); the kernel
+    error without calibration. ``dense`` holds each layer's ``keep`` option."""
     options = {
         layer.name: [dense[layer.name]] if KEEP in layer.choices else [] for layer in space.layers
     }
@@ -107,7 +118,9 @@ def layer_options(
                 continue
             compressed = apply_plan(model, plan)
             _, _, records = cost(compressed, plan)
-            if calibration is not None:
+            if calibration is not None and score == "network":
+                errors = calibration.network_errors(compressed, plan)
+            elif calibration is not None:
                 errors = calibration.layer_output_errors(compressed, plan)
             else:
                 errors = kernel_errors(model, compressed, plan)
@@ -178,8 +191,9 @@ def allocation_ladder(
     if cfg.proxy.calibration_size > 0:
         inputs = calibration_batch(splits.train, cfg.proxy.calibration_size, cfg.seed)
         calibration = Calibration(model, inputs, cfg.device)
-    dense = {layer.name: _dense_option(model, cost, layer) for layer in space.layers}
-    options = layer_options(model, space, cost, calibration, grid, dense)
+    dense = {layer.name: dense_option(model, cost, layer) for layer in space.layers}
+    score = cfg.initial_design.score
+    options = layer_options(model, space, cost, calibration, grid, dense, score)
     names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
     found: list[tuple[float, dict[str, Any]]] = []

@@ -222,11 +222,14 @@ class WarmStart:
 class InitialDesign:
     """Zero-training allocations enqueued on study creation (:mod:`autodecomp.allocate`).
 
-    ``plans`` of them (0: none), from ``grid`` ratios per method and layer.
+    ``plans`` of them (0: none), from ``grid`` ratios per method and layer, each option
+    scored by ``score``: ``network`` (the relative logit error of the baseline with only
+    that layer replaced) or ``layer`` (the layer's relative output error).
     """
 
     plans: int = 0
     grid: int = 8
+    score: str = "network"
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,7 @@ def _rank_choices(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
 
 _SPACE_KEYS = ("layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init")
 _INITS = ("weight", "data")
+SCORES = ("network", "layer")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
 
 
@@ -697,8 +701,14 @@ def _initial_design(raw: Any) -> InitialDesign:
         InitialDesign,
         raw,
         "initial_design",
-        {"plans": _int, "grid": lambda v, w: _int(v, w, 2)},
+        {"plans": _int, "grid": lambda v, w: _int(v, w, 2), "score": _score},
     )
+
+
+def _score(value: Any, where: str) -> str:
+    if value not in SCORES:
+        raise ConfigError(f"unknown {where} {_show(value)}; valid: {', '.join(SCORES)}")
+    return value
 
 
 def _device(raw: Any) -> str:

@@ -8,7 +8,8 @@ Three fidelities below the short distillation run of :mod:`autodecomp.objective`
   calibration batch, so the error of one layer is measured without those before it;
 - network output error on the same batch: the relative error of the logits
   ``||z' - z|| / ||z||`` and ``KL(softmax(z) || softmax(z'))`` (batch mean), with ``z``
-  the baseline's logits.
+  the baseline's logits; of the whole compressed model, or of the baseline with one layer
+  replaced (that layer's error as the network's output sees it).
 
 A trial's score for a per-layer error is its mean over the searched layers, a kept layer
 counting 0 (:func:`mean_error`).
@@ -108,6 +109,26 @@ class Calibration:
                 self._forward(self.teacher)
         finally:
             for handle in handles:
+                handle.remove()
+        return errors
+
+    @torch.no_grad()
+    def network_errors(self, model: nn.Module, names: Iterable[str]) -> dict[str, float]:
+        """Relative logit error of the baseline with only that layer replaced, for every
+        decomposed layer of ``model`` among ``names``: the layer's error as the network's
+        output sees it (one forward pass per layer)."""
+        errors: dict[str, float] = {}
+        for name in names:
+            replacement = model.get_submodule(name)
+            if not isinstance(replacement, DecomposedConv):
+                continue
+            layer = self.teacher.get_submodule(name)
+            handle = layer.register_forward_hook(
+                lambda _module, args, _output, swap=replacement: swap(args[0])
+            )
+            try:
+                errors[name] = relative_error(self._forward(self.teacher), self.logits)
+            finally:
                 handle.remove()
         return errors
 

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ from autodecomp.decompositions import get_method, methods
 from autodecomp.objective import CATCH, Objective
 from autodecomp.report import hypervolume, hypervolume_frame
 from autodecomp.space import KEEP, SearchSpace, suggest_plan, uniform_params
-from autodecomp.study import make_sampler, prepare
+from autodecomp.study import make_sampler, prepare, shared_factor_cache
 from autodecomp.surgery import apply_plan, replace_module
 
 _CANDIDATES = 64  # ratios tried per method when building a uniform grid
@@ -253,10 +254,23 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--csv", help="also write the per-seed rows here")
     parser.add_argument(
+        "--factor-cache",
+        metavar="DIR",
+        help="keep factorisations on disk here, so a rerun skips the ALS fits (minutes on "
+        "resnet20)",
+    )
+    parser.add_argument(
         "--fronts", action="store_true", help="print each arm's front (MACs ratio:accuracy)"
     )
     args = parser.parse_args()
+    if args.factor_cache:
+        with shared_factor_cache(Path(args.factor_cache)):
+            _run(args)
+    else:
+        _run(args)
 
+
+def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = load_config(args.study, args.overrides)
@@ -281,7 +295,8 @@ def main() -> None:
         f"{args.trials} trials x {args.seeds} seeds per arm; proxy {cfg.proxy.steps} steps; "
         f"budgets {cfg.budgets.limits(baseline.macs, baseline.params)}; objectives "
         f"{', '.join(cfg.objectives)}; baseline accuracy {baseline.accuracy:.4f}; "
-        f"tpe / nsga2 start with {plans} of {len(rungs)} ladder allocations ({design_s:.1f} s)",
+        f"tpe / nsga2 start with {plans} of {len(rungs)} ladder allocations (score "
+        f"{cfg.initial_design.score}, {design_s:.1f} s)",
         flush=True,
     )
     for method, grid in grids.items():

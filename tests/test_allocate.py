@@ -13,12 +13,21 @@ import pytest
 from optuna.trial import FixedTrial
 from tiny_study import make_study
 
-from autodecomp.allocate import Ladder, Option, allocation_ladder, error_front
+from autodecomp.allocate import (
+    Ladder,
+    Option,
+    allocation_ladder,
+    dense_option,
+    error_front,
+    layer_options,
+)
 from autodecomp.baseline import load_baseline
 from autodecomp.cli import main
 from autodecomp.config import ProxyConfig, load_config
 from autodecomp.cost import count_macs, count_params
-from autodecomp.space import suggest_plan
+from autodecomp.objective import PlanCost
+from autodecomp.proxies import Calibration, calibration_batch
+from autodecomp.space import SearchSpace, suggest_plan
 from autodecomp.study import prepare
 from autodecomp.surgery import apply_plan
 
@@ -113,6 +122,35 @@ def test_allocation_ladder_fits_the_budget_cheapest_first(template):
             cheapest[layer.name] = min(cheapest.get(layer.name, cost), cost)
     floor = baseline.macs - sum(baseline.macs - c for c in cheapest.values())
     assert ratios[0] * baseline.macs == pytest.approx(floor, abs=0.5)
+
+
+@pytest.mark.parametrize("score", ["layer", "network"])
+def test_layer_options_score_layer_or_network_errors(template, score):
+    cfg = load_config(template / "study.yaml")
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    model, space = baseline.model, prepared.space
+    cost = PlanCost(model, baseline.input_shape, space.names)
+    inputs = calibration_batch(prepared.splits.train, 32, cfg.seed)
+    calibration = Calibration(model, inputs, "cpu")
+    dense = {layer.name: dense_option(model, cost, layer) for layer in space.layers}
+    options = layer_options(model, space, cost, calibration, 3, dense, score)
+    checked = 0
+    for layer in space.layers:
+        assert options[layer.name][0] == dense[layer.name]  # keep first, error 0
+        for option in options[layer.name][1:]:
+            plan = suggest_plan(FixedTrial(option.params), SearchSpace((layer,)))
+            compressed = apply_plan(model, plan)
+            if score == "network":
+                error = calibration.output_errors(compressed)["output_error"]
+            else:
+                error = calibration.layer_output_errors(compressed, [layer.name])[layer.name]
+            assert option.error == pytest.approx(error, rel=1e-6)
+            assert option.macs == count_macs(compressed, baseline.input_shape) - (
+                baseline.macs - dense[layer.name].macs
+            )
+            checked += 1
+    assert checked >= 6
 
 
 def _rungs(*ratios: float) -> list[tuple[float, dict]]:

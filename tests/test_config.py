@@ -144,6 +144,8 @@ def test_bad_types_and_values(tmp_path):
     assert "'log' and 'step'" in _error(parse_space, {"ratio": both})
     assert "[0, 1)" in _error(parse_space, {"shift_prune": {"range": [0.0, 1.0]}})
     assert "rank" in _error(parse_space, {"ranks": {"tucker": ["big"]}})
+    msg = _error(load_config, _study(tmp_path, initial_design={"score": "kl"}))
+    assert "initial_design.score 'kl'" in msg and "valid: network, layer" in msg
 
 
 def test_shift_prune_range_is_stored():

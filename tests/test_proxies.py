@@ -78,6 +78,25 @@ def test_layer_errors_use_the_baselines_inputs_and_network_errors_compound():
     assert scores["output_error"] == pytest.approx(63.0, rel=1e-5)
     assert scores["output_kl"] > 0.1
     assert not model.training  # the baseline's mode is untouched
+
+
+def test_network_errors_replace_one_layer_at_a_time():
+    model = _two_convs()
+    inputs = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    calibration = Calibration(model, inputs, "cpu")
+    plan = {"0": {"method": "tucker", "rank": [2, 3]}, "2": {"method": "tucker", "rank": [3, 2]}}
+    errors = calibration.network_errors(ad.apply_plan(model, plan), ["0", "2"])
+    for name, entry in plan.items():
+        alone = calibration.output_errors(ad.apply_plan(model, {name: entry}))
+        assert errors[name] == pytest.approx(alone["output_error"], rel=1e-6)
+    both = calibration.output_errors(ad.apply_plan(model, plan))["output_error"]
+    assert 0.05 < errors["0"] < both and 0.05 < errors["2"] < both
+    # conv "2" feeds the logits directly: its network error is its layer error
+    layer = calibration.layer_output_errors(ad.apply_plan(model, plan), ["2"])
+    assert errors["2"] == pytest.approx(layer["2"], rel=1e-6)
+    scaled = calibration.network_errors(_scaled_copy(model, ["0", "2"]), ["0", "2"])
+    assert scaled == {"0": pytest.approx(7.0, rel=1e-5), "2": pytest.approx(7.0, rel=1e-5)}
+    assert not model.training and not model[0]._forward_hooks  # no hook left behind
     assert not any(m._forward_hooks for m in model.modules())  # hooks removed
 
 
