@@ -4,10 +4,13 @@ Every searched layer has a set of options: ``keep`` and each offered method at `
 ratios spread over the layer's range (log-spaced when the range is; the listed ranks when
 the space gives explicit ranks). Each option is scored without any training by its MACs
 and parameters (fvcore, one layer at a time: :class:`~autodecomp.objective.PlanCost`) and
-its relative output error on the calibration batch given the baseline's input to that
-layer (:meth:`~autodecomp.proxies.Calibration.layer_output_errors`; the kernel error when
-the study has no calibration batch). Since each layer is scored on the baseline's input,
-one model per (method, ratio) scores every layer at once.
+an error on the calibration batch (``initial_design.score``): the relative logit error of
+the baseline with only that layer replaced (``network``,
+:meth:`~autodecomp.proxies.Calibration.network_errors`) or the layer's relative output
+error given the baseline's input to it (``layer``,
+:meth:`~autodecomp.proxies.Calibration.layer_output_errors`); the kernel error when the
+study has no calibration batch. One model per (method, ratio) holds every layer's
+replacement at once.
 
 A plan should have the least summed error for its MACs: :func:`error_front` finds the
 plans (one option per layer) on the Pareto front of (MACs, summed error), from the
@@ -89,7 +92,7 @@ def layer_options(
     calibration: Calibration | None,
     grid: int,
     dense: Mapping[str, Option],
-    score: str = "layer",
+    score: str = "network",
 ) -> dict[str, list[Option]]:
     """Every layer's options (``keep`` first, then distinct (method, rank) ones) with
     their MACs, parameters and error: the relative output error of the layer (``score``

@@ -445,7 +445,7 @@ def _rank_choices(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
 
 _SPACE_KEYS = ("layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init")
 _INITS = ("weight", "data")
-SCORES = ("network", "layer")
+_SCORES = ("network", "layer")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
 
 
@@ -706,8 +706,8 @@ def _initial_design(raw: Any) -> InitialDesign:
 
 
 def _score(value: Any, where: str) -> str:
-    if value not in SCORES:
-        raise ConfigError(f"unknown {where} {_show(value)}; valid: {', '.join(SCORES)}")
+    if value not in _SCORES:
+        raise ConfigError(f"unknown {where} {_show(value)}; valid: {', '.join(_SCORES)}")
     return value
 
 
