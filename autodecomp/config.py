@@ -289,6 +289,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _one_of(value: Any, where: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; else a one-line error naming them."""
+    if value not in choices:
+        raise ConfigError(f"unknown {where} {_show(value)}; valid: {', '.join(choices)}")
+    return value
+
+
 def _mapping(raw: Any, where: str, allowed: Iterable[str]) -> Mapping[str, Any]:
     if raw is None:
         raw = {}
@@ -476,8 +483,7 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
         )
     shift = raw.get("shift_prune")
     init = raw.get("init", "weight")
-    if init not in _INITS:
-        raise ConfigError(f"unknown {where}.init {_show(init)}; valid: {', '.join(_INITS)}")
+    _one_of(init, f"{where}.init", _INITS)
     return SpaceConfig(
         include=_strings(layers.get("include", "*"), f"{where}.layers.include"),
         exclude=_strings(layers.get("exclude", []), f"{where}.layers.exclude"),
@@ -639,12 +645,10 @@ def _latency(raw: Any, device: str) -> LatencyConfig:
             "warmup": _int,
             "repeats": lambda v, w: _int(v, w, 1),
             "threads": lambda v, w: _int(v, w, 1),
-            "device": _str,
+            "device": lambda v, w: _one_of(v, w, ("cpu", "cuda")),
             "measure": _bool,
         },
     )
-    if latency.device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown latency.device {latency.device!r}; valid: cpu, cuda")
     if latency.device == "cuda" and not device.startswith("cuda"):
         raise ConfigError(f"latency.device 'cuda' needs the study on a GPU (device: {device})")
     return latency
@@ -701,14 +705,12 @@ def _initial_design(raw: Any) -> InitialDesign:
         InitialDesign,
         raw,
         "initial_design",
-        {"plans": _int, "grid": lambda v, w: _int(v, w, 2), "score": _score},
+        {
+            "plans": _int,
+            "grid": lambda v, w: _int(v, w, 2),
+            "score": lambda v, w: _one_of(v, w, _SCORES),
+        },
     )
-
-
-def _score(value: Any, where: str) -> str:
-    if value not in _SCORES:
-        raise ConfigError(f"unknown {where} {_show(value)}; valid: {', '.join(_SCORES)}")
-    return value
 
 
 def _device(raw: Any) -> str:
