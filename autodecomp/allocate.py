@@ -23,11 +23,14 @@ first and the sampler starts from what they score.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -38,22 +41,36 @@ from .baseline import Baseline
 from .config import StudyConfig
 from .cost import count_params
 from .data import DataSplits
+from .decompositions import get_method, methods
 from .objective import PlanCost
 from .proxies import Calibration, calibration_batch, kernel_errors
-from .space import KEEP, LayerSpace, SearchSpace, block_params, layer_params, suggest_plan
-from .surgery import apply_plan
+from .space import (
+    KEEP,
+    LayerSpace,
+    SearchSpace,
+    block_params,
+    layer_params,
+    suggest_plan,
+    uniform_params,
+)
+from .surgery import apply_plan, replace_module
 
 __all__ = [
+    "FRONT",
     "MAX_RUNGS",
     "Ladder",
     "Option",
+    "Rung",
     "allocation_ladder",
     "dense_option",
     "error_front",
     "layer_options",
+    "uniform_plans",
 ]
 
 MAX_RUNGS = 256  # allocations kept on the ladder (spread evenly over log-MACs)
+FRONT = "front"  # the track of the error front's plans
+UNIFORM_CANDIDATES = 64  # ratios tried per method for its uniform plans
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,16 @@ class Option:
     macs: int
     params_count: int
     error: float
+    ratio: float | None = None  # the grid ratio it was made at (None: keep)
+
+
+class Rung(NamedTuple):
+    """One plan of the allocation ladder: its MACs over the baseline's, its fixed trial
+    parameters, and its track (``front`` or the method of a uniform plan)."""
+
+    macs: float
+    params: dict[str, Any]
+    track: str = FRONT
 
 
 def _grid_ratios(space: SearchSpace, grid: int) -> list[float]:
@@ -72,6 +99,11 @@ def _grid_ratios(space: SearchSpace, grid: int) -> list[float]:
     hi = max(layer.ratio.hi for layer in space.layers)
     spread = np.geomspace if any(layer.ratio.log for layer in space.layers) else np.linspace
     return [float(r) for r in spread(lo, hi, grid)]
+
+
+def _offered(space: SearchSpace) -> list[str]:
+    """The methods some layer of ``space`` offers (``keep`` aside), in first-seen order."""
+    return list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
 
 
 def _plan_entry(layer: LayerSpace, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,9 +133,8 @@ def layer_options(
     options = {
         layer.name: [dense[layer.name]] if KEEP in layer.choices else [] for layer in space.layers
     }
-    methods = list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
     seen: set[tuple[str, str]] = set()
-    for method in methods:
+    for method in _offered(space):
         for ratio in _grid_ratios(space, grid):
             chosen: dict[str, dict[str, Any]] = {}
             plan: dict[str, dict[str, Any]] = {}
@@ -129,9 +160,8 @@ def layer_options(
                 errors = kernel_errors(model, compressed, plan)
             for name, params in chosen.items():
                 record = records[name]
-                options[name].append(
-                    Option(params, record["macs"], record["params"], errors.get(name, 0.0))
-                )
+                error = errors.get(name, 0.0)
+                options[name].append(Option(params, record["macs"], record["params"], error, ratio))
     return options
 
 
@@ -176,6 +206,81 @@ def _spread(totals: list[int], count: int, log: bool = False) -> list[int]:
     return sorted(picked)
 
 
+def _skeleton(model: nn.Module, space: SearchSpace, plan: Mapping[str, Any]) -> nn.Module:
+    """``plan``'s compressed structure with unfitted factors: enough to count its cost.
+
+    Entries other than a plain registered method (e.g. shift pruning) are applied for real.
+    """
+    plain = set(methods()) | {KEEP}
+    if any(e["method"] not in plain or e.get("prune") for e in plan.values()):
+        return apply_plan(model, dict(plan))
+    skeleton = copy.deepcopy(model)
+    specs = {layer.name: layer.spec for layer in space.layers}
+    for name, entry in plan.items():
+        if entry["method"] == KEEP:
+            continue
+        cls = get_method(entry["method"])
+        spec = specs[name]
+        rank = (
+            cls.rank_for_ratio(spec, entry["ratio"])
+            if "ratio" in entry
+            else cls.normalize_rank(spec, entry["rank"])
+        )
+        replace_module(skeleton, name, cls(spec, rank))
+    return skeleton
+
+
+def uniform_plans(
+    model: nn.Module,
+    space: SearchSpace,
+    cost: PlanCost,
+    method: str,
+    limits: Mapping[str, float],
+) -> list[Rung]:
+    """The distinct uniform plans of ``method`` within ``limits`` (``"macs"`` /
+    ``"params"``), cheapest first: every layer offering it at one ratio (others dense),
+    ``UNIFORM_CANDIDATES`` ratios over the layers' range, one plan per distinct set of
+    ranks. MACs are fvcore's counts, taken on unfitted layers (nothing is factorised)."""
+    found: dict[str, Rung] = {}
+    for ratio in _grid_ratios(space, UNIFORM_CANDIDATES):
+        params = uniform_params(space, method, ratio)
+        plan = suggest_plan(FixedTrial(params), space)
+        macs, params_count, records = cost(_skeleton(model, space, plan), plan)
+        totals = {"macs": macs, "params": params_count}
+        if any(totals[k] > limit for k, limit in limits.items() if k in totals):
+            continue
+        key = json.dumps({n: [r["method"], r["rank"]] for n, r in records.items()}, default=str)
+        found.setdefault(key, Rung(macs / cost.macs, params, method))
+    return sorted(found.values(), key=lambda rung: rung.macs)
+
+
+def _uniform_error(
+    options: Mapping[str, list[Option]], dense: Mapping[str, Option], method: str, level: float
+) -> float:
+    """Summed option error of ``method``'s uniform plans (every layer offering it at one
+    grid ratio), interpolated in log-MACs at ``level`` (a fraction of the searched layers'
+    dense MACs; clamped at the ends)."""
+    ratios = sorted({o.ratio for opts in options.values() for o in opts if o.ratio is not None})
+    points: list[tuple[float, float]] = []
+    total = sum(d.macs for d in dense.values())
+    for ratio in ratios:
+        macs, error = 0, 0.0
+        for name, opts in options.items():
+            own = [
+                o for o in opts
+                if o.ratio is not None and o.ratio <= ratio and _method(o) == method
+            ]  # fmt: skip
+            chosen = max(own, key=lambda o: o.ratio) if own else dense[name]
+            macs, error = macs + chosen.macs, error + chosen.error
+        points.append((math.log(max(macs, 1) / total), error))
+    logs, errors = zip(*sorted(points), strict=True)
+    return float(np.interp(math.log(level), logs, errors))
+
+
+def _method(option: Option) -> str:
+    return next(v for k, v in option.params.items() if k.endswith("/method"))
+
+
 def allocation_ladder(
     cfg: StudyConfig,
     space: SearchSpace,
@@ -183,10 +288,13 @@ def allocation_ladder(
     splits: DataSplits,
     grid: int,
     log: Callable[[str], None] | None = None,
-) -> list[tuple[float, dict[str, Any]]]:
-    """The :func:`error_front` plans within the MAC and parameter budgets as ``(MACs /
-    baseline MACs, fixed trial parameters)``, cheapest first, at most ``MAX_RUNGS`` of
-    them spread evenly over log-MACs."""
+) -> list[Rung]:
+    """The ladder's rungs: the :func:`error_front` plans within the MAC and parameter
+    budgets, cheapest first (at most ``MAX_RUNGS``, spread evenly over log-MACs; track
+    ``front``), then, with ``initial_design.tracks`` > 0, the uniform plans
+    (:func:`uniform_plans`) of that many methods, cheapest first, one method after the
+    other: those whose uniform plans have the least summed option error at the ladder's
+    probe level (:meth:`Ladder.probe_level`), the least first."""
     start = time.perf_counter()
     model = baseline.model
     cost = PlanCost(model, baseline.input_shape, space.names)
@@ -199,7 +307,7 @@ def allocation_ladder(
     options = layer_options(model, space, cost, calibration, grid, dense, score)
     names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
-    found: list[tuple[float, dict[str, Any]]] = []
+    found: list[Rung] = []
     for _, _, choice in error_front(options):
         picked = {n: options[n][i] for n, i in zip(names, choice, strict=True)}
         macs = baseline.macs + sum(o.macs - dense[n].macs for n, o in picked.items())
@@ -212,24 +320,45 @@ def allocation_ladder(
         fixed: dict[str, Any] = {}
         for option in picked.values():
             fixed |= option.params
-        found.append((macs / baseline.macs, fixed | block_params(space)))
-    found.sort(key=lambda item: item[0])
-    rungs = [found[i] for i in _spread([m for m, _ in found], MAX_RUNGS, log=True)]
+        found.append(Rung(macs / baseline.macs, fixed | block_params(space)))
+    found.sort(key=lambda rung: rung.macs)
+    rungs = [found[i] for i in _spread([r.macs for r in found], MAX_RUNGS, log=True)]
+    tracks: list[str] = []
+    if cfg.initial_design.tracks > 0 and rungs:
+        level = Ladder.probe_level(rungs)
+        searched = sum(d.macs for d in dense.values())
+        at = (level * baseline.macs - (baseline.macs - searched)) / searched
+        uniform = {m: uniform_plans(model, space, cost, m, limits) for m in _offered(space)}
+        ranked = sorted(
+            (m for m, plans in uniform.items() if plans),
+            key=lambda m: _uniform_error(options, dense, m, max(at, 1e-9)),
+        )
+        tracks = ranked[: cfg.initial_design.tracks]
+        rungs += [rung for m in tracks for rung in uniform[m]]
     if log is not None:
         count = sum(len(o) for o in options.values())
+        extra = f"; uniform tracks {', '.join(tracks)}" if tracks else ""
         log(
             f"allocation ladder: {len(rungs)} zero-training allocations within budget "
-            f"({count} layer options scored in {time.perf_counter() - start:.1f} s)"
+            f"({count} layer options scored in {time.perf_counter() - start:.1f} s{extra})"
         )
     return rungs
 
 
 class Ladder:
-    """The allocation ladder tried one rung at a time: the cheapest first, then always the
-    rung that best fills the largest gap of the study's accuracy-vs-MACs staircase.
+    """The allocation ladder tried one rung at a time: the cheapest first, then one probe
+    per track, then always the rung that best fills the largest gap of the study's
+    accuracy-vs-MACs staircase.
 
-    Between two neighbouring evaluated MAC positions ``m1 < m2`` (MACs ratio) whose best
-    accuracies so far (at no more MACs) are ``b1 <= b2``, a new point can add at most
+    Probes: with uniform tracks on the ladder, each track (the error front first, then the
+    uniform methods by rank) is tried at its rung nearest the probe level
+    (:meth:`probe_level`, a quarter of the way from the cheapest to the dearest front rung
+    in log-MACs, where plans still differ after a fine-tune); the most accurate probe's
+    track is then the only one climbed (with the front's rungs below the probe level, where
+    its mixed plans are cheapest).
+
+    Gaps: between two neighbouring evaluated MAC positions ``m1 < m2`` (MACs ratio) whose
+    best accuracies so far (at no more MACs) are ``b1 <= b2``, a new point can add at most
     ``(m2 - m1) * (b2 - b1)`` to the hypervolume, and a quarter of it at the midpoint if
     accuracy is linear in MACs there; a gap whose accuracy does not rise is closed. Above
     the dearest evaluated point the gap reaches the dearest rung and the baseline's
@@ -245,36 +374,79 @@ class Ladder:
 
     def __init__(
         self,
-        rungs: list[tuple[float, dict[str, Any]]],
+        rungs: list[Rung] | list[tuple[float, dict[str, Any]]],
         plans: int,
         accuracy_index: int,
         baseline_accuracy: float,
     ) -> None:
-        self.rungs, self.plans = rungs, plans
+        self.rungs = [Rung(*rung) for rung in rungs]
+        self.plans = plans
         self.accuracy_index, self.baseline_accuracy = accuracy_index, baseline_accuracy
 
     def store(self, study: optuna.Study) -> None:
         """Put the ladder on ``study`` and enqueue its cheapest rung."""
         study.set_user_attr(
             self.ATTR,
-            {"rungs": [[m, p] for m, p in self.rungs], "plans": self.plans,
+            {"rungs": [list(rung) for rung in self.rungs], "plans": self.plans,
              "baseline_accuracy": self.baseline_accuracy},
         )  # fmt: skip
         if self.plans > 0 and self.rungs:
-            self._enqueue(study, 0)
+            self._enqueue(study, self.next_rung([]))
 
     @classmethod
     def from_study(cls, study: optuna.Study, accuracy_index: int) -> Ladder | None:
-        """The ladder stored on ``study``, or None."""
+        """The ladder stored on ``study`` (rungs without a track are ``front``), or None."""
         raw = study.user_attrs.get(cls.ATTR)
         if not raw:
             return None
-        rungs = [(float(m), dict(p)) for m, p in raw["rungs"]]
+        rungs = [Rung(float(r[0]), dict(r[1]), *r[2:]) for r in raw["rungs"]]
         return cls(rungs, int(raw["plans"]), accuracy_index, float(raw["baseline_accuracy"]))
 
-    def _enqueue(self, study: optuna.Study, rung: int) -> None:
+    @staticmethod
+    def probe_level(rungs: list[Rung]) -> float:
+        """The MACs ratio where tracks are probed: a quarter of the way from the cheapest
+        to the dearest ``front`` rung (all rungs without one) in log-MACs."""
+        front = [r.macs for r in rungs if r.track == FRONT] or [r.macs for r in rungs]
+        return min(front) ** 0.75 * max(front) ** 0.25
+
+    def _probes(self) -> list[int]:
+        """Each track's rung nearest the probe level, in track order (none for one track)."""
+        tracks = list(dict.fromkeys(rung.track for rung in self.rungs))
+        if len(tracks) < 2:
+            return []
+        level = self.probe_level(self.rungs)
+        return [
+            min(
+                (i for i, rung in enumerate(self.rungs) if rung.track == track),
+                key=lambda i: abs(math.log(self.rungs[i].macs / level)),
+            )
+            for track in tracks
+        ]
+
+    def _climbed(self, trials: list[FrozenTrial], probes: list[int]) -> set[int]:
+        """The rungs the gap filling may take: the best probed track's (with the front's
+        below the probe level), or every rung before any probe has an accuracy."""
+        scored = {
+            rung: (t.values[self.accuracy_index], -self.rungs[rung].macs)
+            for t in trials
+            if (rung := self._rung(t)) in probes
+            and t.state == TrialState.COMPLETE
+            and not t.user_attrs.get("over_budget")
+        }
+        if not scored:
+            return set(range(len(self.rungs)))
+        track = self.rungs[max(scored, key=scored.__getitem__)].track
+        level = self.probe_level(self.rungs)
+        return {
+            i for i, rung in enumerate(self.rungs)
+            if rung.track == track or (rung.track == FRONT and rung.macs <= level)
+        }  # fmt: skip
+
+    def _enqueue(self, study: optuna.Study, rung: int | None) -> None:
+        if rung is None:
+            return
         label = f"allocation {rung + 1}/{len(self.rungs)}"
-        study.enqueue_trial(self.rungs[rung][1], user_attrs={"warm_start": label})
+        study.enqueue_trial(self.rungs[rung].params, user_attrs={"warm_start": label})
 
     @staticmethod
     def _rung(trial: FrozenTrial) -> int | None:
@@ -308,19 +480,29 @@ class Ladder:
         if len(tried) >= self.plans or not free:
             return None
         steps = self._staircase(trials)
-        top = self.rungs[-1][0]
+        cheapest = min(free, key=lambda i: self.rungs[i].macs)
+        if not tried:
+            return cheapest
+        probes = self._probes()
+        waiting = [i for i in probes if i not in tried]
+        if waiting:
+            return waiting[0]
         if not steps:
-            return min(free, key=lambda i: self.rungs[i][0])
+            return cheapest
+        climbed = self._climbed(trials, probes)
+        free = [i for i in free if i in climbed]
+        top = max(self.rungs[i].macs for i in climbed)
         gaps = [(lo, hi, (hi - lo) * (b - a)) for (lo, a), (hi, b) in itertools.pairwise(steps)]
         if steps[-1][0] < top:  # above the dearest evaluated point: up to the baseline's accuracy
             rise = max(0.0, self.baseline_accuracy - steps[-1][1])
             gaps.append((steps[-1][0], top, (top - steps[-1][0]) * rise))
         for lo, hi, area in sorted(gaps, key=lambda gap: gap[2], reverse=True):
             inside = [
-                i for i in free if lo < self.rungs[i][0] < hi or self.rungs[i][0] == hi == top
-            ]
+                i for i in free
+                if lo < self.rungs[i].macs < hi or self.rungs[i].macs == hi == top
+            ]  # fmt: skip
             if inside and area > 0:
-                return min(inside, key=lambda i: abs(self.rungs[i][0] - (lo + hi) / 2))
+                return min(inside, key=lambda i: abs(self.rungs[i].macs - (lo + hi) / 2))
         return None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -328,6 +510,4 @@ class Ladder:
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING and self._rung(t) is not None for t in trials):
             return
-        rung = self.next_rung(trials)
-        if rung is not None:
-            self._enqueue(study, rung)
+        self._enqueue(study, self.next_rung(trials))

@@ -224,12 +224,14 @@ class InitialDesign:
 
     ``plans`` of them (0: none), from ``grid`` ratios per method and layer, each option
     scored by ``score``: ``network`` (the relative logit error of the baseline with only
-    that layer replaced) or ``layer`` (the layer's relative output error).
+    that layer replaced) or ``layer`` (the layer's relative output error); ``tracks``
+    single-method uniform sweeps join the error front's plans, probed before one is climbed.
     """
 
     plans: int = 0
     grid: int = 8
     score: str = "network"
+    tracks: int = 0
 
 
 @dataclass(frozen=True)
@@ -709,6 +711,7 @@ def _initial_design(raw: Any) -> InitialDesign:
             "plans": _int,
             "grid": lambda v, w: _int(v, w, 2),
             "score": lambda v, w: _one_of(v, w, _SCORES),
+            "tracks": _int,
         },
     )
 

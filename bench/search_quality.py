@@ -33,9 +33,7 @@ the search arms' margin over the best uniform sweep under both accountings:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,19 +43,14 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
-from optuna.trial import FixedTrial
 
-from autodecomp.allocate import Ladder, allocation_ladder
+from autodecomp.allocate import Ladder, allocation_ladder, uniform_plans
 from autodecomp.baseline import Baseline, load_baseline
 from autodecomp.config import SamplerConfig, StudyConfig, load_config
-from autodecomp.decompositions import get_method, methods
 from autodecomp.objective import CATCH, Objective
 from autodecomp.report import hypervolume, hypervolume_frame
-from autodecomp.space import KEEP, SearchSpace, suggest_plan, uniform_params
+from autodecomp.space import KEEP, SearchSpace
 from autodecomp.study import make_sampler, prepare, shared_factor_cache
-from autodecomp.surgery import apply_plan, replace_module
-
-_CANDIDATES = 64  # ratios tried per method when building a uniform grid
 
 
 def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSampler):
@@ -69,53 +62,16 @@ def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSa
     return study
 
 
-def _skeleton(baseline: Baseline, space: SearchSpace, plan: dict[str, Any]) -> torch.nn.Module:
-    """The compressed model's structure (uninitialised factors): enough to count its cost.
-
-    Entries that are not a plain registered method (e.g. shift pruning) are applied for real.
-    """
-    plain = set(methods()) | {KEEP}
-    if any(e["method"] not in plain or e.get("prune") for e in plan.values()):
-        return apply_plan(baseline.model, plan)
-    model = copy.deepcopy(baseline.model)
-    specs = {layer.name: layer.spec for layer in space.layers}
-    for name, entry in plan.items():
-        if entry["method"] == KEEP:
-            continue
-        cls = get_method(entry["method"])
-        spec = specs[name]
-        rank = (
-            cls.rank_for_ratio(spec, entry["ratio"])
-            if "ratio" in entry
-            else cls.normalize_rank(spec, entry["rank"])
-        )
-        replace_module(model, name, cls(spec, rank))
-    return model
-
-
 def uniform_grid(
     space: SearchSpace, method: str, objective: Objective, count: int
 ) -> list[dict[str, Any]]:
-    """Up to ``count`` fixed trial parameters of distinct, within-budget uniform plans.
-
-    Candidate ratios span the space's ratio range (log-spaced when the range is); plans
-    with the same ranks everywhere are kept once; the survivors are spread evenly by MACs.
-    """
-    r = objective.cfg.space.ratio
-    spread = np.geomspace if r.log else np.linspace
-    found: dict[str, tuple[float, dict[str, Any]]] = {}
-    for ratio in spread(r.lo, r.hi, _CANDIDATES):
-        params = uniform_params(space, method, float(ratio))
-        plan = suggest_plan(FixedTrial(params), space)
-        macs, params_count, layers = objective.cost(
-            _skeleton(objective.baseline, space, plan), plan
-        )
-        cost = {"macs": macs, "params": params_count}
-        if any(cost.get(k, 0) > limit for k, limit in objective.limits.items()):
-            continue
-        key = json.dumps({n: [rec["method"], rec["rank"]] for n, rec in layers.items()})
-        found.setdefault(key, (macs, params))
-    plans = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
+    """Up to ``count`` fixed trial parameters of distinct, within-budget uniform plans
+    (:func:`~autodecomp.allocate.uniform_plans`), spread evenly by MACs."""
+    model = objective.baseline.model
+    plans = [
+        rung.params
+        for rung in uniform_plans(model, space, objective.cost, method, objective.limits)
+    ]
     if len(plans) <= count:
         return plans
     return [
@@ -235,6 +191,9 @@ def main() -> None:
     parser.add_argument("--study", default="studies/digits/study.yaml")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1"
+    )
     parser.add_argument("--samplers", nargs="*", default=["tpe", "nsga2", "random"])
     parser.add_argument("--uniform", nargs="*", default=None, help="methods (default: space's)")
     parser.add_argument("--population", type=int, default=8, help="NSGA-II population size")
@@ -285,7 +244,7 @@ def _run(args: argparse.Namespace) -> None:
     design_start = time.perf_counter()
     searched = any(name != "random" for name in args.samplers) and plans > 0
     rungs = (
-        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
+        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid, print)
         if searched
         else []
     )
@@ -303,7 +262,7 @@ def _run(args: argparse.Namespace) -> None:
         if not grid:
             print(f"uniform:{method}: no uniform plan fits the budgets; arm left out")
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         seeded = dataclasses.replace(cfg, seed=cfg.seed + seed)
         objective = Objective(seeded, space, baseline, prepared.splits)
         warm = [params for _, params in prepared.warm_starts] if args.warm_start else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from tiny_study import make_study
 from autodecomp.allocate import (
     Ladder,
     Option,
+    Rung,
+    _uniform_error,
     allocation_ladder,
     dense_option,
     error_front,
@@ -104,10 +107,11 @@ def test_allocation_ladder_fits_the_budget_cheapest_first(template):
     assert rungs == allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
     assert len(rungs) >= 5
     shape = baseline.input_shape
-    ratios = [m for m, _ in rungs]
+    ratios = [rung.macs for rung in rungs]
+    assert {rung.track for rung in rungs} == {"front"}  # no uniform tracks by default
     assert ratios == sorted(ratios) and len(set(ratios)) == len(ratios)
     assert ratios[-1] <= 0.7
-    for ratio, params in rungs:  # the stored ratio is the plan's fvcore count
+    for ratio, params, _ in rungs:  # the stored ratio is the plan's fvcore count
         model = apply_plan(baseline.model, suggest_plan(FixedTrial(params), prepared.space))
         assert count_macs(model, shape) == pytest.approx(ratio * baseline.macs, abs=0.5)
         assert count_params(model) < baseline.params
@@ -223,3 +227,75 @@ def test_search_enqueues_the_design_once_and_resumes_older_studies(template, tmp
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.trials) == 5
     assert sum("warm_start" in t.user_attrs for t in study.trials) == 3
+
+
+def _track(track: str, *ratios: float) -> list[Rung]:
+    return [Rung(r, {"x": r, "track": track}, track) for r in ratios]
+
+
+def test_ladder_probes_each_track_then_climbs_the_most_accurate():
+    rungs = _track("front", 0.1, 0.18, 0.4) + _track("pdp", 0.12, 0.2, 0.3, 0.45)
+    rungs += _track("cp", 0.11, 0.21, 0.35)
+    ladder = Ladder(rungs, 8, 0, 0.97)
+    assert Ladder.probe_level(rungs) == pytest.approx(0.1**0.75 * 0.4**0.25)  # 0.1414
+    assert ladder.next_rung([]) == 0  # the cheapest first
+    trials = [_done(0, 0.1, 0.80, len(rungs))]
+    # one probe per track, in track order, each the rung nearest 0.1414 in log-MACs
+    for rung, macs, accuracy in [(1, 0.18, 0.90), (3, 0.12, 0.95), (7, 0.11, 0.93)]:
+        assert ladder.next_rung(trials) == rung
+        trials.append(_done(rung, macs, accuracy, len(rungs)))
+    # pdp's probe was the most accurate: only its rungs (and the front's below 0.1414) are
+    # climbed; the gap above 0.18 reaches pdp's dearest rung 0.45 -> nearest 0.315 is 0.3
+    assert ladder.next_rung(trials) == 5
+    trials.append(_done(5, 0.3, 0.975, len(rungs)))
+    # [0.1, 0.11] rises 0.13 (area 0.0013): no climbed rung inside; [0.18, 0.3] rises 0.025
+    # (0.003): pdp's 0.2 (cp's 0.21 is not climbed)
+    assert ladder.next_rung(trials) == 4
+    # a one-track ladder has no probes; stored rungs keep their tracks, old ones are "front"
+    assert Ladder(_rungs(0.1, 0.3, 0.6), 3, 0, 0.97)._probes() == []
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ladder.store(study)
+    assert Ladder.from_study(study, 0).rungs == rungs
+    study.set_user_attr(Ladder.ATTR, {"rungs": [[0.1, {}]], "plans": 1, "baseline_accuracy": 1})
+    assert Ladder.from_study(study, 0).rungs == [Rung(0.1, {}, "front")]
+
+
+def test_uniform_error_interpolates_summed_errors_in_log_macs():
+    def opts(method: str, *points: tuple[float, int, float]) -> list[Option]:
+        return [
+            Option({f"l/{method}/ratio": r, "l/method": method}, macs, 0, err, r)
+            for r, macs, err in points
+        ]
+
+    dense = {name: Option({"l/method": "keep"}, 100, 0, 0.0) for name in ("a", "b")}
+    layer = opts("m", (0.1, 10, 0.5), (0.5, 50, 0.1)) + opts("n", (0.1, 20, 0.3), (0.5, 60, 0.2))
+    options = {name: [dense[name], *layer] for name in ("a", "b")}
+    # m: (MACs 0.1 of the dense, summed error 1.0), (0.5, 0.2); n: (0.2, 0.6), (0.6, 0.4)
+    assert _uniform_error(options, dense, "m", 0.1) == pytest.approx(1.0)
+    assert _uniform_error(options, dense, "n", 0.1) == pytest.approx(0.6)  # clamped
+    t = math.log(3) / math.log(5)
+    assert _uniform_error(options, dense, "m", 0.3) == pytest.approx(1.0 - 0.8 * t)
+    t = math.log(1.5) / math.log(3)
+    assert _uniform_error(options, dense, "n", 0.3) == pytest.approx(0.6 - 0.2 * t)
+
+
+def test_allocation_ladder_adds_uniform_tracks(template):
+    cfg = load_config(template / "study.yaml", ["initial_design.tracks=2"])
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    lines: list[str] = []
+    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5, lines.append)
+    tracks = list(dict.fromkeys(rung.track for rung in rungs))
+    assert tracks[0] == "front" and sorted(tracks[1:]) == ["tt", "tucker"]
+    assert f"uniform tracks {', '.join(tracks[1:])}" in lines[0]
+    for track in tracks[1:]:
+        uniform = [rung for rung in rungs if rung.track == track]
+        assert [r.macs for r in uniform] == sorted({r.macs for r in uniform})
+        for ratio, params, _ in uniform:  # every layer on the track's method, fvcore's MACs
+            plan = suggest_plan(FixedTrial(params), prepared.space)
+            assert {entry["method"] for entry in plan.values()} == {track}
+            model = apply_plan(baseline.model, plan)
+            assert count_macs(model, baseline.input_shape) == pytest.approx(
+                ratio * baseline.macs, abs=0.5
+            )
+            assert ratio <= 0.7

@@ -146,6 +146,8 @@ def test_bad_types_and_values(tmp_path):
     assert "rank" in _error(parse_space, {"ranks": {"tucker": ["big"]}})
     msg = _error(load_config, _study(tmp_path, initial_design={"score": "kl"}))
     assert "initial_design.score 'kl'" in msg and "valid: network, layer" in msg
+    msg = _error(load_config, _study(tmp_path, initial_design={"tracks": -1}))
+    assert msg == "initial_design.tracks must be an integer >= 0, got -1"
 
 
 def test_shift_prune_range_is_stored():
