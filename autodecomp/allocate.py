@@ -18,7 +18,9 @@ cheapest option everywhere to the dense model. :func:`initial_design` keeps the 
 plans that fit the budgets and returns ``plans`` of them spread evenly over the range of
 their log-MACs (the cheapest always included: the hypervolume of (accuracy, MACs) is won
 at the cheap end) as fixed trial parameters: the study enqueues them
-first and the sampler starts from what they score.
+first and the sampler starts from what they score. With ``initial_design.tracks`` the
+ladder also holds single-method uniform plans (:func:`uniform_plans`), one track per method;
+:class:`Ladder` probes each track once and climbs the most accurate.
 """
 
 from __future__ import annotations
