@@ -431,7 +431,7 @@ class Ladder:
         scored = {
             rung: (t.values[self.accuracy_index], -self.rungs[rung].macs)
             for t in trials
-            if (rung := self._rung(t)) in probes
+            if (rung := self.rung_of(t)) in probes
             and t.state == TrialState.COMPLETE
             and not t.user_attrs.get("over_budget")
         }
@@ -451,7 +451,8 @@ class Ladder:
         study.enqueue_trial(self.rungs[rung].params, user_attrs={"warm_start": label})
 
     @staticmethod
-    def _rung(trial: FrozenTrial) -> int | None:
+    def rung_of(trial: FrozenTrial) -> int | None:
+        """The ladder rung ``trial`` was enqueued from (None: not from the ladder)."""
         label = str(trial.user_attrs.get("warm_start", ""))
         if not label.startswith("allocation "):
             return None
@@ -477,7 +478,7 @@ class Ladder:
 
     def next_rung(self, trials: list[FrozenTrial]) -> int | None:
         """The rung to try next given the study's trials (None: none left to try)."""
-        tried = {r for r in map(self._rung, trials) if r is not None}
+        tried = {r for r in map(self.rung_of, trials) if r is not None}
         free = [i for i in range(len(self.rungs)) if i not in tried]
         if len(tried) >= self.plans or not free:
             return None
@@ -510,6 +511,6 @@ class Ladder:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """``study.optimize`` callback: enqueue the next rung unless one is waiting."""
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING and self._rung(t) is not None for t in trials):
+        if any(t.state == TrialState.WAITING and self.rung_of(t) is not None for t in trials):
             return
         self._enqueue(study, self.next_rung(trials))

@@ -136,6 +136,7 @@ def _run_arm(
     )
     return {
         "front": " ".join(f"{m:.3f}:{a:.3f}" for m, a in front),
+        "tried": _tried(study, accuracy, ladder),
         "hypervolume": hypervolume(study),
         "hv_first": float(history.hypervolume.iloc[min(trials, len(history)) - 1]),
         "trials": len(study.trials),
@@ -145,6 +146,19 @@ def _run_arm(
         "failed": int(counts.get("FAIL", 0)),
         "seconds": seconds,
     }
+
+
+def _tried(study: optuna.Study, accuracy: int, ladder: Ladder | None) -> str:
+    """Every fine-tuned trial in order as ``MACs ratio:accuracy``, a ladder rung's track
+    after it in brackets (``[front]``, ``[pdp]``, ...)."""
+    points = []
+    for trial in study.trials:
+        if trial.state != optuna.trial.TrialState.COMPLETE or trial.user_attrs.get("over_budget"):
+            continue
+        rung = Ladder.rung_of(trial) if ladder is not None else None
+        track = f"[{ladder.rungs[rung].track}]" if rung is not None else ""
+        points.append(f"{trial.user_attrs['macs_ratio']:.3f}:{trial.values[accuracy]:.3f}{track}")
+    return " ".join(points)
 
 
 def _table(rows: pd.DataFrame, arms: list[str]) -> str:
@@ -219,7 +233,10 @@ def main() -> None:
         "resnet20)",
     )
     parser.add_argument(
-        "--fronts", action="store_true", help="print each arm's front (MACs ratio:accuracy)"
+        "--fronts",
+        action="store_true",
+        help="print each arm's front and every fine-tuned trial in order "
+        "(MACs ratio:accuracy[ladder track])",
     )
     args = parser.parse_args()
     if args.factor_cache:
@@ -295,6 +312,7 @@ def _run(args: argparse.Namespace) -> None:
             )
             if args.fronts:
                 print(f"    front {result['front']}", flush=True)
+                print(f"    tried {result['tried']}", flush=True)
     frame = pd.DataFrame(rows)
     if args.csv:
         frame.to_csv(args.csv, index=False)

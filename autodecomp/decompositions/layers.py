@@ -30,16 +30,16 @@ def pointwise_conv(
     Smaller maps, a single NCHW image going to NCHW, other devices and ``torch.jit.trace``
     (what fvcore counts) use ``F.conv2d``; all compute the same sums.
     """
+    n, _, h, w = x.shape
+    if h * w < _MIN_MATMUL_PIXELS or not x.is_cpu:  # the cheapest checks first: this is
+        return F.conv2d(x, weight, bias)  # per call, and small layers are call-bound
     nchw = x.is_contiguous()
     if (
-        x.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or x.shape[-2] * x.shape[-1] < _MIN_MATMUL_PIXELS
-        or (x.shape[0] == 1 and nchw and not channels_last)
+        (n == 1 and nchw and not channels_last)
         or not (nchw or x.is_contiguous(memory_format=torch.channels_last))
+        or torch.jit.is_tracing()
     ):
         return F.conv2d(x, weight, bias)
-    n, _, h, w = x.shape
     pixels = x.flatten(2) if nchw else x.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
     weight = weight.flatten(1)
     if channels_last:  # (N, P, C) @ (C, F) -> (N, P, F), read as (N, F, H, W)
