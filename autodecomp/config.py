@@ -98,6 +98,7 @@ class SpaceConfig:
     shift_prune: RatioRange | None = None
     overrides: tuple[LayerRule, ...] = ()
     init: str = "weight"  # "data": decomposed layers fit their output on calibration images
+    rank_multiple: int = 1  # ratio-chosen channel ranks >= this are rounded down to a multiple
     source: str = "<inline>"
 
 
@@ -452,7 +453,10 @@ def _rank_choices(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-_SPACE_KEYS = ("layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init")
+_SPACE_KEYS = (
+    "layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init",
+    "rank_multiple",
+)  # fmt: skip
 _INITS = ("weight", "data")
 _SCORES = ("network", "layer")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
@@ -496,6 +500,7 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
         shift_prune=None if shift is None else _shift_range(shift, f"{where}.shift_prune"),
         overrides=tuple(overrides),
         init=init,
+        rank_multiple=_int(raw.get("rank_multiple", 1), f"{where}.rank_multiple", minimum=1),
         source=source,
     )
 

@@ -61,6 +61,7 @@ class LayerSpace:
     ranks: dict[str, tuple[RankCode, ...]] = field(default_factory=dict)
     prune: RatioRange | None = None  # the pruning range of the choices in ``prunable``
     prunable: tuple[str, ...] = ()  # choices whose decomposed layer is pruned as well
+    rank_multiple: int = 1  # ratio-chosen channel ranks >= this: rounded down to a multiple
 
     def param_names(self) -> list[str]:
         """Every parameter name this layer can produce."""
@@ -196,6 +197,7 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
                 ranks={m: _rank_codes(name, spec, m, ranks[m]) for m in offered if m in ranks},
                 prune=cfg.shift_prune if prunable else None,
                 prunable=prunable,
+                rank_multiple=cfg.rank_multiple,
             )
         )
     blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
@@ -221,6 +223,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
         else:
             ratio = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
             plan[layer.name] = {"method": method, "ratio": ratio}
+            if layer.rank_multiple > 1:
+                plan[layer.name]["rank_multiple"] = layer.rank_multiple
         if method in layer.prunable:
             prune = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
             plan[layer.name]["prune"] = prune

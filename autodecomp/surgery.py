@@ -39,6 +39,7 @@ def decompose_conv(
     *,
     ratio: float | None = None,
     rank: Any = None,
+    rank_multiple: int = 1,
     calibration: InputStats | None = None,
     **opts: Any,
 ) -> DecomposedConv:
@@ -50,6 +51,9 @@ def decompose_conv(
         ratio: target fraction of the dense layer's parameters (> 0); the method picks the
             largest valid rank within it.
         rank: the method's own rank spec (see ``autodecomp methods``).
+        rank_multiple: with ``ratio``, round the chosen rank's channel widths that are at
+            least this down to a multiple of it (:meth:`DecomposedConv.align_rank`; 8 suits
+            CPU kernels that work in 8-float vectors).
         calibration: this layer's input statistics
             (:func:`autodecomp.calibration.collect_input_stats`): fit the layer's output on
             the calibration inputs instead of the kernel
@@ -74,7 +78,10 @@ def decompose_conv(
         raise UnsupportedLayerError(
             f"method {method!r} cannot decompose this layer: {reason}; methods that can: {valid}"
         )
-    rank = cls.normalize_rank(spec, rank) if rank is not None else cls.rank_for_ratio(spec, ratio)
+    if rank is not None:
+        rank = cls.normalize_rank(spec, rank)
+    else:
+        rank = cls.align_rank(spec, cls.rank_for_ratio(spec, ratio), rank_multiple)
     if calibration is None:
         module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
     else:
@@ -211,10 +218,17 @@ def apply_plan(
         if method == KEEP:
             raise ValueError(f"layer {name!r}: 'prune' needs a decomposition method, not 'keep'")
         ratio, rank = entry.pop("ratio", None), entry.pop("rank", None)
+        multiple = entry.pop("rank_multiple", 1)
         stats = _stats_for(name, entry.pop("init", "weight"), calibration)
         try:
             layer = decompose_conv(
-                new.get_submodule(name), method, ratio=ratio, rank=rank, calibration=stats, **entry
+                new.get_submodule(name),
+                method,
+                ratio=ratio,
+                rank=rank,
+                rank_multiple=multiple,
+                calibration=stats,
+                **entry,
             )
         except ValueError as err:
             raise type(err)(f"layer {name!r}: {err}") from None

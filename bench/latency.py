@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,13 +92,14 @@ def conv_inputs(model_name: str, image_size: int) -> list[tuple[str, nn.Conv2d, 
     return [(name, model.get_submodule(name), shapes[name]) for name in LAYERS[model_name]]
 
 
-def build(conv: nn.Conv2d, method: str, ratio: float) -> nn.Module | None:
-    """The method's layer at ``ratio`` with random factors, or ``None`` if unsupported."""
+def build(conv: nn.Conv2d, method: str, ratio: float, rank_multiple: int = 1) -> nn.Module | None:
+    """The method's layer at ``ratio`` (its channel ranks rounded down to ``rank_multiple``)
+    with random factors, or ``None`` if unsupported."""
     cls = get_method(method)
     spec = ConvSpec.from_conv(conv)
     if cls.unsupported_reason(spec) is not None:
         return None
-    rank = cls.rank_for_ratio(spec, ratio)
+    rank = cls.align_rank(spec, cls.rank_for_ratio(spec, ratio), rank_multiple)
     layer = cls.random(spec, rank, torch.Generator().manual_seed(0))
     with torch.no_grad():  # keep activations O(1) through long chains
         for param in layer.parameters():
@@ -139,16 +141,18 @@ def bench_layer(
     entries = []
     for method in args.methods:
         for ratio in args.ratios:
-            layer = build(conv, method, ratio)
-            if layer is None:
-                continue
-            mac_x = dense_macs / count_macs(layer, shape)
-            if mac_x * args.max_macs < 1:
-                print(
-                    f"not timed: {model} {name} {method} ratio {ratio}: MACs {1 / mac_x:.1f}x dense"
-                )
-            else:
-                entries.append((method, ratio, layer, mac_x))
+            ranks: list[Any] = []
+            for multiple in args.rank_multiple:
+                layer = build(conv, method, ratio, multiple)
+                if layer is None or layer.rank in ranks:  # alignment changed nothing
+                    continue
+                ranks.append(layer.rank)
+                label = method if multiple == 1 else f"{method}/{multiple}"
+                mac_x = dense_macs / count_macs(layer, shape)
+                if mac_x * args.max_macs < 1:
+                    print(f"not timed: {model} {name} {label} ratio {ratio}: MACs {1 / mac_x:.1f}x")
+                else:
+                    entries.append((label, ratio, layer, mac_x))
     rows = []
     dense = conv.eval().to(device)
     for batch in args.batch:
@@ -163,7 +167,7 @@ def bench_layer(
 
 def print_rows(rows: list[Row], target: float) -> None:
     head = (
-        f"{'model':9} {'layer':15} {'geometry':16} {'method':7} {'ratio':>5} {'batch':>5} "
+        f"{'model':9} {'layer':15} {'geometry':16} {'method':9} {'ratio':>5} {'batch':>5} "
         f"{'dense_ms':>9} {'ms':>9} {'speedup':>7} {'mac_x':>6} {'realised':>8}"
     )
     print(head)
@@ -171,7 +175,7 @@ def print_rows(rows: list[Row], target: float) -> None:
     for r in rows:
         flag = " *" if r.realised < target else ""
         print(
-            f"{r.model:9} {r.layer:15} {r.geometry:16} {r.method:7} {r.ratio:5.2f} {r.batch:5d} "
+            f"{r.model:9} {r.layer:15} {r.geometry:16} {r.method:9} {r.ratio:5.2f} {r.batch:5d} "
             f"{r.dense_ms:9.3f} {r.ms:9.3f} {r.speedup:7.2f} {r.mac_x:6.2f} {r.realised:8.2f}"
             f"{flag}"
         )
@@ -179,12 +183,12 @@ def print_rows(rows: list[Row], target: float) -> None:
 
 def print_summary(rows: list[Row], target: float) -> None:
     print(f"\nsummary (realised = speed-up / MAC reduction; target >= {target})")
-    print(f"{'method':7} {'rows':>4} {'median':>7} {'min':>6} {'max':>6} {'>=target':>9}")
+    print(f"{'method':9} {'rows':>4} {'median':>7} {'min':>6} {'max':>6} {'>=target':>9}")
     for method in dict.fromkeys(r.method for r in rows):
         values = [r.realised for r in rows if r.method == method]
         ok = sum(v >= target for v in values)
         print(
-            f"{method:7} {len(values):4d} {statistics.median(values):7.2f} {min(values):6.2f} "
+            f"{method:9} {len(values):4d} {statistics.median(values):7.2f} {min(values):6.2f} "
             f"{max(values):6.2f} {ok:5d}/{len(values):<3d}"
         )
 
@@ -196,6 +200,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--image-size", type=int, default=224, help="resnet18 input size")
+    parser.add_argument(
+        "--rank-multiple",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="also time each layer with its channel ranks rounded down to these multiples "
+        "(rows 'method/N'; space.rank_multiple in a study)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
@@ -215,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(valid)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA device is available")
+    if min(args.rank_multiple) < 1:
+        parser.error(f"--rank-multiple must be >= 1, got {min(args.rank_multiple)}")
     if args.quick:
         args.ratios, args.batch, args.image_size = [0.25], [1, 8], 112
         args.warmup, args.repeats = 1, 5

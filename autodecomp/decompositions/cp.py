@@ -11,7 +11,7 @@ import torch
 
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.cp_als import cp_als
-from .base import DecomposedConv, register
+from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
@@ -77,6 +77,10 @@ class CPConv(DecomposedConv):
         self.vertical = SpatialConv(spec, rank, rank, axes="h", groups=rank)
         self.horizontal = SpatialConv(spec, rank, rank, axes="w", groups=rank)
         self.last = pointwise(rank, spec.out_channels)
+
+    @classmethod
+    def _aligned(cls, spec: ConvSpec, rank: int, multiple: int) -> int:
+        return round_down_width(rank, multiple)  # the channels of the depthwise stage(s)
 
     @classmethod
     def normalize_rank(cls, spec: ConvSpec, rank: Any) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..factorize.cache import FactorCache, default_cache
-from .base import DecomposedConv, register
+from .base import DecomposedConv, register, round_down_width
 from .cp import cached_cp, check_cp_rank, max_cp_rank
 from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
@@ -36,6 +36,10 @@ class PDPConv(DecomposedConv):
         self.first = pointwise(spec.in_channels, rank)
         self.depthwise = SpatialConv(spec, rank, rank, groups=rank)
         self.last = pointwise(rank, spec.out_channels)
+
+    @classmethod
+    def _aligned(cls, spec: ConvSpec, rank: int, multiple: int) -> int:
+        return round_down_width(rank, multiple)  # the channels of the depthwise stage(s)
 
     @classmethod
     def normalize_rank(cls, spec: ConvSpec, rank: Any) -> int:

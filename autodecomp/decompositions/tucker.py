@@ -9,7 +9,7 @@ import torch
 
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import unwhiten_rows, whiten_input
-from .base import DecomposedConv, register
+from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
 from .spec import ConvSpec
 
@@ -53,6 +53,10 @@ class Tucker2Conv(DecomposedConv):
         self.first = pointwise(spec.in_channels, r_in)
         self.core = SpatialConv(spec, r_in, r_out)
         self.last = pointwise(r_out, spec.out_channels)
+
+    @classmethod
+    def _aligned(cls, spec: ConvSpec, rank: tuple[int, int], multiple: int) -> tuple[int, int]:
+        return (round_down_width(rank[0], multiple), round_down_width(rank[1], multiple))
 
     @classmethod
     def normalize_rank(cls, spec: ConvSpec, rank: Any) -> tuple[int, int]:
