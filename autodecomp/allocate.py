@@ -20,7 +20,7 @@ their log-MACs (the cheapest always included: the hypervolume of (accuracy, MACs
 at the cheap end) as fixed trial parameters: the study enqueues them
 first and the sampler starts from what they score. With ``initial_design.tracks`` the
 ladder also holds single-method uniform plans (:func:`uniform_plans`), one track per method;
-:class:`Ladder` probes each track once and climbs the most accurate.
+:class:`Ladder` probes each track once, then fills gaps from every track's rungs.
 """
 
 from __future__ import annotations
@@ -355,9 +355,8 @@ class Ladder:
     Probes: with uniform tracks on the ladder, each track (the error front first, then the
     uniform methods by rank) is tried at its rung nearest the probe level
     (:meth:`probe_level`, a quarter of the way from the cheapest to the dearest front rung
-    in log-MACs, where plans still differ after a fine-tune); the most accurate probe's
-    track is then the only one climbed (with the front's rungs below the probe level, where
-    its mixed plans are cheapest).
+    in log-MACs, where plans still differ after a fine-tune), so every track has a measured
+    point; the gap filling then takes any track's rung.
 
     Gaps: between two neighbouring evaluated MAC positions ``m1 < m2`` (MACs ratio) whose
     best accuracies so far (at no more MACs) are ``b1 <= b2``, a new point can add at most
@@ -425,25 +424,6 @@ class Ladder:
             for track in tracks
         ]
 
-    def _climbed(self, trials: list[FrozenTrial], probes: list[int]) -> set[int]:
-        """The rungs the gap filling may take: the best probed track's (with the front's
-        below the probe level), or every rung before any probe has an accuracy."""
-        scored = {
-            rung: (t.values[self.accuracy_index], -self.rungs[rung].macs)
-            for t in trials
-            if (rung := self.rung_of(t)) in probes
-            and t.state == TrialState.COMPLETE
-            and not t.user_attrs.get("over_budget")
-        }
-        if not scored:
-            return set(range(len(self.rungs)))
-        track = self.rungs[max(scored, key=scored.__getitem__)].track
-        level = self.probe_level(self.rungs)
-        return {
-            i for i, rung in enumerate(self.rungs)
-            if rung.track == track or (rung.track == FRONT and rung.macs <= level)
-        }  # fmt: skip
-
     def _enqueue(self, study: optuna.Study, rung: int | None) -> None:
         if rung is None:
             return
@@ -492,9 +472,7 @@ class Ladder:
             return waiting[0]
         if not steps:
             return cheapest
-        climbed = self._climbed(trials, probes)
-        free = [i for i in free if i in climbed]
-        top = max(self.rungs[i].macs for i in climbed)
+        top = max(rung.macs for rung in self.rungs)
         gaps = [(lo, hi, (hi - lo) * (b - a)) for (lo, a), (hi, b) in itertools.pairwise(steps)]
         if steps[-1][0] < top:  # above the dearest evaluated point: up to the baseline's accuracy
             rise = max(0.0, self.baseline_accuracy - steps[-1][1])

@@ -226,7 +226,7 @@ class InitialDesign:
     ``plans`` of them (0: none), from ``grid`` ratios per method and layer, each option
     scored by ``score``: ``network`` (the relative logit error of the baseline with only
     that layer replaced) or ``layer`` (the layer's relative output error); ``tracks``
-    single-method uniform sweeps join the error front's plans, probed before one is climbed.
+    single-method uniform sweeps join the error front's plans, each probed once first.
     """
 
     plans: int = 0

@@ -233,7 +233,7 @@ def _track(track: str, *ratios: float) -> list[Rung]:
     return [Rung(r, {"x": r, "track": track}, track) for r in ratios]
 
 
-def test_ladder_probes_each_track_then_climbs_the_most_accurate():
+def test_ladder_probes_each_track_then_fills_gaps_from_every_track():
     rungs = _track("front", 0.1, 0.18, 0.4) + _track("pdp", 0.12, 0.2, 0.3, 0.45)
     rungs += _track("cp", 0.11, 0.21, 0.35)
     ladder = Ladder(rungs, 8, 0, 0.97)
@@ -244,12 +244,15 @@ def test_ladder_probes_each_track_then_climbs_the_most_accurate():
     for rung, macs, accuracy in [(1, 0.18, 0.90), (3, 0.12, 0.95), (7, 0.11, 0.93)]:
         assert ladder.next_rung(trials) == rung
         trials.append(_done(rung, macs, accuracy, len(rungs)))
-    # pdp's probe was the most accurate: only its rungs (and the front's below 0.1414) are
-    # climbed; the gap above 0.18 reaches pdp's dearest rung 0.45 -> nearest 0.315 is 0.3
+    # the gap above 0.18 (rise 0.02 to the baseline over 0.27) is the largest and reaches the
+    # dearest rung 0.45: nearest its middle 0.315 is pdp's 0.3
     assert ladder.next_rung(trials) == 5
     trials.append(_done(5, 0.3, 0.975, len(rungs)))
-    # [0.1, 0.11] rises 0.13 (area 0.0013): no climbed rung inside; [0.18, 0.3] rises 0.025
-    # (0.003): pdp's 0.2 (cp's 0.21 is not climbed)
+    # [0.18, 0.3] rises 0.025 (area 0.003): nearest 0.24 is cp's 0.21, whatever the track
+    assert ladder.next_rung(trials) == 8
+    trials.append(_done(8, 0.21, 0.96, len(rungs)))
+    # [0.21, 0.3] (0.00135) and [0.1, 0.11] (0.0013) have no untried rung inside; then
+    # [0.18, 0.21] (0.0003): pdp's 0.2
     assert ladder.next_rung(trials) == 4
     # a one-track ladder has no probes; stored rungs keep their tracks, old ones are "front"
     assert Ladder(_rungs(0.1, 0.3, 0.6), 3, 0, 0.97)._probes() == []
