@@ -223,11 +223,11 @@ def _skeleton(model: nn.Module, space: SearchSpace, plan: Mapping[str, Any]) -> 
             continue
         cls = get_method(entry["method"])
         spec = specs[name]
-        if "ratio" in entry:
-            rank = cls.rank_for_ratio(spec, entry["ratio"])
-            rank = cls.align_rank(spec, rank, entry.get("rank_multiple", 1))
-        else:
-            rank = cls.normalize_rank(spec, entry["rank"])
+        rank = (
+            cls.rank_for_ratio(spec, entry["ratio"], entry.get("rank_multiple", 1))
+            if "ratio" in entry
+            else cls.normalize_rank(spec, entry["rank"])
+        )
         replace_module(skeleton, name, cls(spec, rank))
     return skeleton
 

@@ -81,7 +81,7 @@ def decompose_conv(
     if rank is not None:
         rank = cls.normalize_rank(spec, rank)
     else:
-        rank = cls.align_rank(spec, cls.rank_for_ratio(spec, ratio), rank_multiple)
+        rank = cls.rank_for_ratio(spec, ratio, rank_multiple)
     if calibration is None:
         module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
     else:

@@ -99,7 +99,7 @@ def build(conv: nn.Conv2d, method: str, ratio: float, rank_multiple: int = 1) ->
     spec = ConvSpec.from_conv(conv)
     if cls.unsupported_reason(spec) is not None:
         return None
-    rank = cls.align_rank(spec, cls.rank_for_ratio(spec, ratio), rank_multiple)
+    rank = cls.rank_for_ratio(spec, ratio, rank_multiple)
     layer = cls.random(spec, rank, torch.Generator().manual_seed(0))
     with torch.no_grad():  # keep activations O(1) through long chains
         for param in layer.parameters():

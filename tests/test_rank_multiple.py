@@ -21,6 +21,9 @@ def test_align_rank_rounds_channel_widths_down():
     spec = ConvSpec.from_conv(nn.Conv2d(64, 64, 3, padding=1))
     tucker, cp, pdp, tr = (get_method(m) for m in ("tucker", "cp", "pdp", "tr"))
     assert tucker.rank_for_ratio(spec, 0.25) == (25, 25)
+    assert tucker.rank_for_ratio(spec, 0.25, 8) == (24, 24)
+    gkpd = get_method("gkpd")  # overrides rank_for_ratio; its ranks are not channel widths
+    assert gkpd.rank_for_ratio(spec, 0.25, 8) == gkpd.rank_for_ratio(spec, 0.25)
     assert tucker.align_rank(spec, (25, 25), 8) == (24, 24)
     assert tucker.align_rank(spec, (25, 6), 8) == (24, 6)  # widths below the multiple stay
     assert tucker.align_rank(spec, (25, 25), 1) == (25, 25)

@@ -95,8 +95,9 @@ class DecomposedConv(nn.Module, ABC):
         """Valid ranks along the method's default path, in non-decreasing parameter count."""
 
     @classmethod
-    def rank_for_ratio(cls, spec: ConvSpec, ratio: float) -> Rank:
-        """Largest rank on the default path whose parameters are <= ``ratio`` x dense."""
+    def rank_for_ratio(cls, spec: ConvSpec, ratio: float, rank_multiple: int = 1) -> Rank:
+        """Largest rank on the default path whose parameters are <= ``ratio`` x dense, its
+        channel widths then rounded down to ``rank_multiple`` (:meth:`align_rank`)."""
         if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
         budget = ratio * spec.dense_params()
@@ -108,7 +109,7 @@ class DecomposedConv(nn.Module, ABC):
                 break
         if chosen is None:
             raise UnsupportedLayerError(f"method {cls.name!r} has no valid rank for {spec}")
-        return chosen
+        return cls.align_rank(spec, chosen, rank_multiple)
 
     @classmethod
     def align_rank(cls, spec: ConvSpec, rank: Rank, multiple: int) -> Rank:

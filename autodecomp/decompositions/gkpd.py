@@ -125,14 +125,14 @@ class KroneckerChainConv(DecomposedConv):
         return chain_params(structure, ranks) + (spec.out_channels if spec.bias else 0)
 
     @classmethod
-    def rank_for_ratio(cls, spec: ConvSpec, ratio: float) -> dict[str, Any]:
+    def rank_for_ratio(cls, spec: ConvSpec, ratio: float, rank_multiple: int = 1) -> dict[str, Any]:
         """The default-structure rank within budget, marked to let the weight pick the structure.
 
         The returned spec carries ``max_params``: :meth:`from_weight` then chooses the
         structure and ranks of least reconstruction error of the actual kernel within that
         many parameters (the weight-free rank it names is the fallback).
         """
-        rank = dict(super().rank_for_ratio(spec, ratio))
+        rank = dict(super().rank_for_ratio(spec, ratio, rank_multiple))
         rank["max_params"] = math.floor(ratio * spec.dense_params())
         return rank
 
