@@ -6,8 +6,13 @@ when that kernel is oneDNN's, oneDNN's own execution time (``ONEDNN_VERBOSE=1`` 
 process). The gap is per-call overhead that no change of the decomposed layer's arithmetic
 removes (README: "Why the small layers cannot meet it").
 
+A second table, at a batch (``--batch``, default 32), times a 3x3 conv over resnet20's
+first-stage 32x32 maps for a range of channel counts (``--widths``), in NCHW and in
+channels-last memory, interleaved round by round: the floor one pass over the map costs
+however few channels it has, which bounds a layer of three such passes.
+
     python bench/conv_overhead.py
-    python bench/conv_overhead.py --calls 500
+    python bench/conv_overhead.py --calls 500 --batch 32 --widths 4 6 8 12 16
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +85,39 @@ def onednn_ms(name: str, calls: int) -> float | None:
     return statistics.median(times[-calls:]) if times else None
 
 
+def width_sweep(batch: int, widths: list[int], rounds: int) -> dict[str, float]:
+    """Median ms of a ``w -> w`` 3x3 conv on ``(batch, w, 32, 32)``, per width and layout."""
+    calls = {}
+    for width in widths:
+        torch.manual_seed(0)
+        x = torch.randn(batch, width, 32, 32)
+        weight = torch.randn(width, width, 3, 3)
+        for layout, data in (
+            ("nchw", x),
+            ("channels-last", x.contiguous(memory_format=torch.channels_last)),
+        ):
+            calls[f"{width}->{width} {layout}"] = partial(F.conv2d, data, weight, padding=1)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+            call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="timed calls per conv")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the width sweep")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[4, 6, 8, 12, 16], help="channels swept"
+    )
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of the sweep")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -95,6 +131,10 @@ def main() -> None:
         inner = onednn_ms(name, args.calls)
         shown = "-" if inner is None else f"{inner:.4f}"
         print(f"{name:<42} {call:8.4f} {shown:>10}  {kernel(name)}")
+    print(f"\nbatch {args.batch}, 3x3 conv on 32x32 maps, median of {args.rounds} rounds")
+    print(f"{'conv':<42} {'ms':>8}")
+    for name, ms in width_sweep(args.batch, args.widths, args.rounds).items():
+        print(f"{name:<42} {ms:8.3f}")
 
 
 if __name__ == "__main__":
