@@ -222,13 +222,13 @@ def _skeleton(model: nn.Module, space: SearchSpace, plan: Mapping[str, Any]) -> 
         if entry["method"] == KEEP:
             continue
         cls = get_method(entry["method"])
-        spec = specs[name]
-        rank = (
-            cls.rank_for_ratio(spec, entry["ratio"], entry.get("rank_multiple", 1))
-            if "ratio" in entry
-            else cls.normalize_rank(spec, entry["rank"])
+        rank = cls.resolve_rank(
+            specs[name],
+            rank=entry.get("rank"),
+            ratio=entry.get("ratio"),
+            rank_multiple=entry.get("rank_multiple", 1),
         )
-        replace_module(skeleton, name, cls(spec, rank))
+        replace_module(skeleton, name, cls(specs[name], rank))
     return skeleton
 
 
@@ -462,14 +462,13 @@ class Ladder:
         free = [i for i in range(len(self.rungs)) if i not in tried]
         if len(tried) >= self.plans or not free:
             return None
-        steps = self._staircase(trials)
         cheapest = min(free, key=lambda i: self.rungs[i].macs)
         if not tried:
             return cheapest
-        probes = self._probes()
-        waiting = [i for i in probes if i not in tried]
+        waiting = [i for i in self._probes() if i not in tried]
         if waiting:
             return waiting[0]
+        steps = self._staircase(trials)
         if not steps:
             return cheapest
         top = max(rung.macs for rung in self.rungs)

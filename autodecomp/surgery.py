@@ -78,10 +78,7 @@ def decompose_conv(
         raise UnsupportedLayerError(
             f"method {method!r} cannot decompose this layer: {reason}; methods that can: {valid}"
         )
-    if rank is not None:
-        rank = cls.normalize_rank(spec, rank)
-    else:
-        rank = cls.rank_for_ratio(spec, ratio, rank_multiple)
+    rank = cls.resolve_rank(spec, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
     if calibration is None:
         module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
     else:

@@ -112,6 +112,16 @@ class DecomposedConv(nn.Module, ABC):
         return cls.align_rank(spec, chosen, rank_multiple)
 
     @classmethod
+    def resolve_rank(
+        cls, spec: ConvSpec, *, rank: Any = None, ratio: float | None = None, rank_multiple: int = 1
+    ) -> Rank:
+        """The layer's rank: ``rank`` checked (:meth:`normalize_rank`) if given, else the
+        rank of ``ratio`` (:meth:`rank_for_ratio`, aligned to ``rank_multiple``)."""
+        if rank is not None:
+            return cls.normalize_rank(spec, rank)
+        return cls.rank_for_ratio(spec, ratio, rank_multiple)
+
+    @classmethod
     def align_rank(cls, spec: ConvSpec, rank: Rank, multiple: int) -> Rank:
         """``rank`` with each channel width (a count of intermediate channels) that is at
         least ``multiple`` rounded down to a multiple of it; smaller widths, and ranks that
