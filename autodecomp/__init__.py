@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .cost import count_macs, count_params
+from .compress.surgery import apply_plan, conv_layers, decompose_conv
+from .core.version import __version__
 from .decompositions import (
     ConvSpec,
     DecomposedConv,
@@ -12,11 +13,9 @@ from .decompositions import (
     methods,
     supporting_methods,
 )
-from .export import load
-from .models import get_model, model_names, register_model
-from .surgery import apply_plan, conv_layers, decompose_conv
-
-__version__ = "0.1.0"
+from .measure.cost import count_macs, count_params
+from .ship.export import load
+from .workload.models import get_model, model_names, register_model
 
 __all__ = [
     "ConvSpec",

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from .config import ConfigError
+from .core.errors import ConfigError
 
 __all__ = ["command", "main"]
 
@@ -68,9 +68,12 @@ def _search(parser: argparse.ArgumentParser) -> Handler:
     _study_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from .study import run_search
+        from .results.tables import summarise_search
+        from .search.study import run_search
 
-        result = run_search(_study_config(args))
+        cfg = _study_config(args)
+        result = run_search(cfg)
+        summarise_search(result.study, cfg)
         return 130 if result.interrupted else 0
 
     return run
@@ -81,7 +84,7 @@ def _create(parser: argparse.ArgumentParser) -> Handler:
     _study_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from .study import setup_study
+        from .search.study import setup_study
 
         setup_study(_study_config(args))
         return 0
@@ -124,8 +127,8 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from .storage import Heartbeat
-        from .worker import run_worker
+        from .search.storage import Heartbeat
+        from .search.worker import run_worker
 
         if args.heartbeat < 1 or (args.grace is not None and args.grace <= args.heartbeat):
             raise ConfigError(
@@ -150,14 +153,14 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
 
 @command("report", help="Pareto tables, hypervolume, best-trial queries and plots of a study")
 def _report(parser: argparse.ArgumentParser) -> Handler:
-    from .report import configure_parser
+    from .results.report import configure_parser
 
     return configure_parser(parser)
 
 
 @command("export", help="rebuild, fine-tune, evaluate and save one trial's compressed model")
 def _export(parser: argparse.ArgumentParser) -> Handler:
-    from .export import configure_parser
+    from .ship.export import configure_parser
 
     return configure_parser(parser)
 

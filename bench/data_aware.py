@@ -28,12 +28,13 @@ import time
 import torch
 
 import autodecomp as ad
-from autodecomp import train
-from autodecomp.calibration import InputStats, collect_input_stats
+from autodecomp.compress.calibration import collect_input_stats
 from autodecomp.config import load_config
-from autodecomp.data import make_loader
 from autodecomp.decompositions import ConvSpec, get_method
-from autodecomp.study import prepare_baseline
+from autodecomp.factorize.input_stats import InputStats
+from autodecomp.search.study import prepare_baseline
+from autodecomp.workload import train
+from autodecomp.workload.data import make_loader
 
 INITS = ("weight", "data")
 

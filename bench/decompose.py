@@ -23,13 +23,13 @@ from autodecomp.factorize import default_cache
 
 
 def _model(name: str, train_steps: int, seed: int) -> torch.nn.Module:
-    from autodecomp.models import get_model
+    from autodecomp.workload.models import get_model
 
     torch.manual_seed(seed)
     model = get_model(name, num_classes=10)
     if train_steps > 0:
-        from autodecomp.data import load_data, make_loader
-        from autodecomp.train import train_baseline
+        from autodecomp.workload.data import load_data, make_loader
+        from autodecomp.workload.train import train_baseline
 
         data = load_data("digits", image_size=32, channels=3, seed=seed)
         loader = make_loader(data.train, batch_size=128, shuffle=True, seed=seed)

@@ -54,8 +54,8 @@ def _conv_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tens
 
 def _trained(model: nn.Module, epochs: int, batch: int, seed: int) -> torch.Tensor:
     """Train ``model`` on digits; return a test batch of images."""
-    from autodecomp.data import load_data, make_loader
-    from autodecomp.train import evaluate, train_baseline
+    from autodecomp.workload.data import load_data, make_loader
+    from autodecomp.workload.train import evaluate, train_baseline
 
     data = load_data("digits", image_size=32, channels=3, seed=seed)
     loader = make_loader(data.train, batch_size=128, shuffle=True, seed=seed)

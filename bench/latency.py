@@ -10,7 +10,7 @@ around every timed call), and print per row:
 - ``dense_ms`` / ``ms``: median latency of the dense conv / the decomposed layer;
 - ``speedup``: ``dense_ms / ms``;
 - ``mac_x``: the MAC reduction ``dense MACs / layer MACs`` (fvcore counts,
-  ``autodecomp.cost.count_macs``);
+  ``autodecomp.measure.cost.count_macs``);
 - ``realised``: ``speedup / mac_x``, the share of the MAC reduction that shows up as
   speed; rows below ``--target`` (default 0.6) are flagged ``*``.
 
@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 import autodecomp as ad
-from autodecomp.cost import count_macs
 from autodecomp.decompositions import ConvSpec, get_method
-from autodecomp.models import get_model
+from autodecomp.measure.cost import count_macs
+from autodecomp.workload.models import get_model
 
 # one non-strided 3x3 conv per stage
 LAYERS = {

@@ -25,11 +25,11 @@ import optuna
 import pandas as pd
 import torch
 
-from autodecomp.baseline import load_baseline
 from autodecomp.config import StudyConfig, load_config
-from autodecomp.objective import CATCH, Objective
-from autodecomp.proxy_stats import PROXIES, kendall_frame, proxy_frame
-from autodecomp.study import make_sampler, prepare
+from autodecomp.results.proxy_stats import PROXIES, kendall_frame, proxy_frame
+from autodecomp.search.objective import CATCH, Objective
+from autodecomp.search.study import make_sampler, prepare
+from autodecomp.workload.baseline import load_baseline
 
 
 def _study(cfg: StudyConfig, baseline, sampler: optuna.samplers.BaseSampler) -> optuna.Study:

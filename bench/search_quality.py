@@ -2,7 +2,7 @@
 
 At an equal number of trials and the same fine-tune budget (one :class:`Objective`, so the
 same distillation steps, gates and cost counting for every arm), compares the hypervolume
-(:func:`autodecomp.report.hypervolume`: normalised ``1 - accuracy`` and cost over the
+(:func:`autodecomp.results.report.hypervolume`: normalised ``1 - accuracy`` and cost over the
 baseline, reference accuracy 0 at the baseline's cost) reached by:
 
 - the search with each of ``--samplers`` (Optuna TPE with the study's options, NSGA-II
@@ -44,13 +44,13 @@ import optuna
 import pandas as pd
 import torch
 
-from autodecomp.allocate import Ladder, allocation_ladder, uniform_plans
-from autodecomp.baseline import Baseline, load_baseline
 from autodecomp.config import SamplerConfig, StudyConfig, load_config
-from autodecomp.objective import CATCH, Objective
-from autodecomp.report import hypervolume, hypervolume_frame
-from autodecomp.space import KEEP, SearchSpace
-from autodecomp.study import make_sampler, prepare, shared_factor_cache
+from autodecomp.results.report import hypervolume, hypervolume_frame
+from autodecomp.search.allocate import Ladder, allocation_ladder, uniform_plans
+from autodecomp.search.objective import CATCH, Objective
+from autodecomp.search.space import KEEP, SearchSpace
+from autodecomp.search.study import make_sampler, prepare, shared_factor_cache
+from autodecomp.workload.baseline import Baseline, load_baseline
 
 
 def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSampler):
@@ -66,7 +66,7 @@ def uniform_grid(
     space: SearchSpace, method: str, objective: Objective, count: int
 ) -> list[dict[str, Any]]:
     """Up to ``count`` fixed trial parameters of distinct, within-budget uniform plans
-    (:func:`~autodecomp.allocate.uniform_plans`), spread evenly by MACs."""
+    (:func:`~autodecomp.search.allocate.uniform_plans`), spread evenly by MACs."""
     model = objective.baseline.model
     plans = [
         rung.params

@@ -1,6 +1,7 @@
 """Storage overhead per trial with 1-16 concurrent worker processes: SQLite, journal, PostgreSQL.
 
-Each worker process runs the loop of ``autodecomp worker`` (:func:`autodecomp.worker.run_trials`:
+Each worker process runs the loop of ``autodecomp worker``
+(:func:`autodecomp.search.worker.run_trials`:
 start lock, stale-trial check, count, ask, heartbeat thread, tell) on a trivial trial that
 makes the storage calls of a real one and no computation: 4 parameters (random sampler, so
 sampling costs nothing), 9 user attributes (plan, layers, costs, seconds, worker) and two
@@ -30,8 +31,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autodecomp.storage import Heartbeat, open_storage, trial_start_lock
-from autodecomp.worker import run_trials
+from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
+from autodecomp.search.worker import run_trials
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pgserver import PostgresServer, find_bindir

@@ -14,7 +14,12 @@ import pytest
 from optuna.trial import FixedTrial
 from tiny_study import make_study
 
-from autodecomp.allocate import (
+from autodecomp.cli import main
+from autodecomp.compress.surgery import apply_plan
+from autodecomp.config import ProxyConfig, load_config
+from autodecomp.measure.cost import count_macs, count_params
+from autodecomp.measure.plan_cost import PlanCost
+from autodecomp.search.allocate import (
     Ladder,
     Option,
     Rung,
@@ -24,15 +29,10 @@ from autodecomp.allocate import (
     error_front,
     layer_options,
 )
-from autodecomp.baseline import load_baseline
-from autodecomp.cli import main
-from autodecomp.config import ProxyConfig, load_config
-from autodecomp.cost import count_macs, count_params
-from autodecomp.objective import PlanCost
-from autodecomp.proxies import Calibration, calibration_batch
-from autodecomp.space import SearchSpace, suggest_plan
-from autodecomp.study import prepare
-from autodecomp.surgery import apply_plan
+from autodecomp.search.proxies import Calibration, calibration_batch
+from autodecomp.search.space import SearchSpace, suggest_plan
+from autodecomp.search.study import prepare
+from autodecomp.workload.baseline import load_baseline
 
 STUDY = {
     "model": "digits_cnn",

@@ -22,16 +22,17 @@ import yaml
 from optuna.trial import TrialState
 from tiny_study import make_study
 
-from autodecomp import baseline as baseline_module
-from autodecomp import storage as storage_module
-from autodecomp.baseline import cache_paths, load_baseline
 from autodecomp.cli import main
-from autodecomp.config import ConfigError, config_from_dict, load_config
+from autodecomp.config import config_from_dict, load_config
+from autodecomp.core.errors import ConfigError
 from autodecomp.factorize.cache import FactorCache
-from autodecomp.models import get_model
-from autodecomp.storage import Heartbeat, open_storage, trial_start_lock
-from autodecomp.study import COUNTED, prepare
-from autodecomp.worker import TooManyFailures, run_trials
+from autodecomp.search import storage as storage_module
+from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
+from autodecomp.search.study import COUNTED, prepare
+from autodecomp.search.worker import TooManyFailures, run_trials
+from autodecomp.workload import baseline as baseline_module
+from autodecomp.workload.baseline import cache_paths, load_baseline
+from autodecomp.workload.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = {

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 import autodecomp as ad
-from autodecomp.config import ConfigError, apply_overrides, load_config, load_space, parse_space
-from autodecomp.models import get_model
-from autodecomp.study import prepare
+from autodecomp.config import apply_overrides, load_config, load_space, parse_space
+from autodecomp.core.errors import ConfigError
+from autodecomp.search.study import prepare
+from autodecomp.workload.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*/study.yaml"))
@@ -61,7 +62,7 @@ def test_shipped_study_loads_and_resolves(path):
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_shipped_space_loads_on_resnet20(path):
-    from autodecomp.space import resolve_space
+    from autodecomp.search.space import resolve_space
 
     space = resolve_space(get_model("resnet20"), load_space(path))
     assert space.layers
@@ -70,7 +71,7 @@ def test_shipped_space_loads_on_resnet20(path):
 
 
 def test_per_layer_overrides(tmp_path):
-    from autodecomp.space import resolve_space
+    from autodecomp.search.space import resolve_space
 
     space = resolve_space(
         get_model("resnet20"), load_space(ROOT / "search_spaces/resnet_per_layer.yaml")

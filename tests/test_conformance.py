@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import autodecomp as ad
-from autodecomp.cost import uncounted_ops
 from autodecomp.decompositions import ConvSpec, get_method
+from autodecomp.measure.cost import uncounted_ops
 
 # (id, in, out, kernel, stride, padding, dilation, bias, input hw)
 GEOMETRIES = [

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from autodecomp.data import DataSplits, load_data, make_loader, stratified_split
+from autodecomp.workload.data import DataSplits, load_data, make_loader, stratified_split
 
 
 def _rows(dataset: TensorDataset) -> set[bytes]:

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import autodecomp as ad
-from autodecomp.calibration import InputStats, collect_input_stats
+from autodecomp.compress.calibration import collect_input_stats
+from autodecomp.compress.surgery import data_init_layers
 from autodecomp.decompositions import ConvSpec, DecompositionError, get_method
 from autodecomp.factorize import FactorCache
-from autodecomp.surgery import data_init_layers
+from autodecomp.factorize.input_stats import InputStats
 
 METHODS = ad.methods()
 C, F_OUT, HW = 8, 12, (9, 9)

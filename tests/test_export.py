@@ -1,4 +1,4 @@
-"""`autodecomp export` and `autodecomp.export.load`: rebuild, save, load back, refuse tampering."""
+"""`autodecomp export` and `autodecomp.load`: rebuild, save, load back, refuse tampering."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch
 from tiny_study import make_study
 
 import autodecomp as ad
-from autodecomp import export, report
-from autodecomp.config import ConfigError, load_config
-from autodecomp.models import get_model
+from autodecomp.config import load_config
+from autodecomp.core.errors import ConfigError
+from autodecomp.results import report
+from autodecomp.ship import export
+from autodecomp.workload.models import get_model
 
 STUDY = {
     "model": "digits_cnn",

@@ -12,14 +12,15 @@ import yaml
 from optuna.trial import TrialState
 from torch import nn
 
-from autodecomp.baseline import load_baseline
-from autodecomp.config import ConfigError, LatencyConfig, load_config
+from autodecomp.config import LatencyConfig, load_config
+from autodecomp.core.errors import ConfigError
 from autodecomp.decompositions import DecomposedConv
-from autodecomp.latency import LatencyMeter, measure_latency, structure_key
-from autodecomp.objective import CATCH, Objective
-from autodecomp.pareto import format_front, pareto_frame, trials_frame
-from autodecomp.report import hypervolume
-from autodecomp.study import prepare
+from autodecomp.measure.latency import LatencyMeter, measure_latency, structure_key
+from autodecomp.results.report import hypervolume
+from autodecomp.results.tables import format_front, pareto_frame, trials_frame
+from autodecomp.search.objective import CATCH, Objective
+from autodecomp.search.study import prepare
+from autodecomp.workload.baseline import load_baseline
 
 
 class FakeTimer:

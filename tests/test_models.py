@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from autodecomp import conv_layers, count_params
-from autodecomp.cost import macs_by_module
-from autodecomp.models import get_model, model_names
-from autodecomp.models.resnet_cifar import BasicBlock, ResNet, ZeroPadShortcut, make_shortcut
+from autodecomp.measure.cost import macs_by_module
+from autodecomp.workload.models import get_model, model_names
+from autodecomp.workload.models.resnet_cifar import (
+    BasicBlock,
+    ResNet,
+    ZeroPadShortcut,
+    make_shortcut,
+)
 
 
 def test_builtin_names_registered():
@@ -124,7 +129,7 @@ def test_torchvision_stem_keeps_initialisation_scale():
 def test_torchvision_aux_heads_off_and_no_weights():
     model = get_model("googlenet", num_classes=3).train()
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
-    from autodecomp.models._torchvision import build_torchvision
+    from autodecomp.workload.models._torchvision import build_torchvision
 
     with pytest.raises(ValueError, match="weights"):
         build_torchvision("resnet18", weights="DEFAULT")

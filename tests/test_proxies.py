@@ -13,19 +13,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import autodecomp as ad
-from autodecomp.baseline import load_baseline
 from autodecomp.config import load_config
-from autodecomp.objective import CATCH, Objective
-from autodecomp.proxies import (
+from autodecomp.results.proxy_stats import kendall_frame, proxy_frame, pruning_frame
+from autodecomp.results.report import write_report
+from autodecomp.search.objective import CATCH, Objective
+from autodecomp.search.proxies import (
     Calibration,
     calibration_batch,
     kernel_errors,
     mean_error,
     relative_error,
 )
-from autodecomp.proxy_stats import kendall_frame, proxy_frame, pruning_frame
-from autodecomp.report import write_report
-from autodecomp.study import prepare
+from autodecomp.search.study import prepare
+from autodecomp.workload.baseline import load_baseline
 
 
 def _two_convs() -> nn.Sequential:
@@ -145,7 +145,7 @@ def test_kendall_frame_signs_and_counts():
     assert table.loc["output_error", "n"] == 3
     assert table.loc["output_error", "tau"] == pytest.approx(1 / 3)
     assert table.loc["floor_accuracy", "n"] == 2 and pd.isna(table.loc["floor_accuracy", "tau"])
-    assert list(table.index) == [  # the order of autodecomp.proxy_stats.PROXIES
+    assert list(table.index) == [  # the order of autodecomp.results.proxy_stats.PROXIES
         "kernel_error",
         "output_error",
         "pre_ft_accuracy",

@@ -7,10 +7,11 @@ import pytest
 from torch import nn
 
 import autodecomp as ad
-from autodecomp.allocate import _skeleton
-from autodecomp.config import ConfigError, parse_space
+from autodecomp.config import parse_space
+from autodecomp.core.errors import ConfigError
 from autodecomp.decompositions import ConvSpec, get_method
-from autodecomp.space import resolve_space, suggest_plan
+from autodecomp.search.allocate import _skeleton
+from autodecomp.search.space import resolve_space, suggest_plan
 
 
 def _widths(rank) -> tuple[int, ...]:

@@ -14,15 +14,15 @@ from optuna.distributions import CategoricalDistribution
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
-from autodecomp import report
-from autodecomp.config import ConfigError
+from autodecomp.core.errors import ConfigError
+from autodecomp.results import report
 
 BASELINE = {"accuracy": 0.9, "macs": 1000, "params": 100, "input_shape": [1, 8, 8]}
 LIMIT = 900  # MACs budget
 
 
 def _trial(number_hint: str, acc, macs, params, plan, *, state=TrialState.COMPLETE, **extra):
-    """A trial as the search records it (user attributes of autodecomp.objective)."""
+    """A trial as the search records it (user attributes of autodecomp.search.objective)."""
     layers = {
         name: {
             "method": method,

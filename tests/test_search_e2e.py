@@ -13,12 +13,12 @@ import torch
 from tiny_study import make_study
 
 import autodecomp as ad
-from autodecomp import objective as objective_module
-from autodecomp.baseline import cache_paths
 from autodecomp.cli import main
 from autodecomp.config import load_config
-from autodecomp.models import get_model
-from autodecomp.study import COUNTED
+from autodecomp.search import objective as objective_module
+from autodecomp.search.study import COUNTED
+from autodecomp.workload.baseline import cache_paths
+from autodecomp.workload.models import get_model
 
 STUDY = {
     "model": "digits_cnn",

@@ -9,10 +9,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import autodecomp as ad
-from autodecomp.cost import uncounted_ops
+from autodecomp.core.shift import Shift, ShiftBlock, equal_groups
 from autodecomp.decompositions import ConvSpec, UnsupportedLayerError, get_method
 from autodecomp.factorize.cache import FactorCache
-from autodecomp.shift import Shift, ShiftBlock, equal_groups
+from autodecomp.measure.cost import uncounted_ops
 
 OFFSETS_3X3 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]
 

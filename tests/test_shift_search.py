@@ -13,13 +13,14 @@ import yaml
 from torch import nn
 
 import autodecomp as ad
-from autodecomp import report
 from autodecomp.cli import main
-from autodecomp.config import ConfigError, load_config, parse_space
-from autodecomp.export import explicit_plan, export_trial, read_metadata
-from autodecomp.models import get_model
-from autodecomp.prune import shift_blocks
-from autodecomp.space import resolve_space, suggest_plan, uniform_params
+from autodecomp.compress.prune import shift_blocks
+from autodecomp.config import load_config, parse_space
+from autodecomp.core.errors import ConfigError
+from autodecomp.results import report
+from autodecomp.search.space import resolve_space, suggest_plan, uniform_params
+from autodecomp.ship.export import explicit_plan, export_trial, read_metadata
+from autodecomp.workload.models import get_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

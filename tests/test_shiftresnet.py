@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import autodecomp as ad
-from autodecomp.cost import macs_by_module, uncounted_ops
-from autodecomp.models import get_model, model_names
-from autodecomp.prune import prune_model, shift_blocks
-from autodecomp.shift import Shift, ShiftBlock
+from autodecomp.compress.prune import prune_model, shift_blocks
+from autodecomp.core.shift import Shift, ShiftBlock
+from autodecomp.measure.cost import macs_by_module, uncounted_ops
+from autodecomp.workload.models import get_model, model_names
 
 # (depth, expansion, exact parameters, published millions) for 10 classes
 PUBLISHED = [

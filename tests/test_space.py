@@ -12,13 +12,15 @@ import yaml
 from torch import nn
 
 import autodecomp as ad
-from autodecomp import objective as objective_module
-from autodecomp.baseline import Baseline
-from autodecomp.config import ConfigError, load_config, parse_space
-from autodecomp.data import load_data
-from autodecomp.models import get_model
-from autodecomp.objective import Objective, PlanCost
-from autodecomp.space import resolve_space, suggest_plan, uniform_params
+from autodecomp.config import load_config, parse_space
+from autodecomp.core.errors import ConfigError
+from autodecomp.measure.plan_cost import PlanCost
+from autodecomp.search import objective as objective_module
+from autodecomp.search.objective import Objective
+from autodecomp.search.space import resolve_space, suggest_plan, uniform_params
+from autodecomp.workload.baseline import Baseline
+from autodecomp.workload.data import load_data
+from autodecomp.workload.models import get_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -48,8 +50,8 @@ def test_choices_are_supporting_methods_fixed_per_layer(monkeypatch):
     def supporting(spec):
         return {(3, 3): ["shift", "tucker"], (1, 1): ["tucker"]}.get(spec.kernel_size, [])
 
-    monkeypatch.setattr("autodecomp.space.supporting_methods", supporting)
-    monkeypatch.setattr("autodecomp.space.conv_layers", lambda m: ["a", "b", "c"])
+    monkeypatch.setattr("autodecomp.search.space.supporting_methods", supporting)
+    monkeypatch.setattr("autodecomp.search.space.conv_layers", lambda m: ["a", "b", "c"])
     space = resolve_space(_Net(), parse_space({"methods": ["shift", "tucker"], "keep": True}))
     choices = {layer.name: layer.choices for layer in space.layers}
     assert choices == {"a": ("shift", "tucker", "keep"), "b": ("tucker", "keep")}  # c: only keep
@@ -74,7 +76,7 @@ def test_choices_are_supporting_methods_fixed_per_layer(monkeypatch):
     assert methods == {"a": {"shift", "tucker", "keep"}, "b": {"tucker", "keep"}}
     assert seen["a/method"].choices == ("shift", "tucker", "keep")
 
-    monkeypatch.setattr("autodecomp.space.supporting_methods", lambda spec: [])
+    monkeypatch.setattr("autodecomp.search.space.supporting_methods", lambda spec: [])
     with pytest.raises(ConfigError, match=r"layer 'a'.*keep is false"):
         resolve_space(_Net(), parse_space({"methods": ["tucker"], "keep": False}))
 

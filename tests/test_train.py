@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autodecomp.data import load_data, make_loader
-from autodecomp.models import get_model
-from autodecomp.train import (
+from autodecomp.workload.data import load_data, make_loader
+from autodecomp.workload.models import get_model
+from autodecomp.workload.train import (
     distill,
     evaluate,
     kd_loss,

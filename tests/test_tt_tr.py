@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import autodecomp as ad
-from autodecomp.cost import count_macs, uncounted_ops
 from autodecomp.decompositions import ConvSpec, get_method
 from autodecomp.decompositions.tt import default_factors
 from autodecomp.factorize import default_cache
 from autodecomp.factorize.tensor_train import left_factor, ring_tensor
+from autodecomp.measure.cost import count_macs, uncounted_ops
 
 TT, TR = get_method("tt"), get_method("tr")
 

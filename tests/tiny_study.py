@@ -7,9 +7,10 @@ from typing import Any
 
 import yaml
 
-from autodecomp.baseline import load_baseline
 from autodecomp.config import load_config
-from autodecomp.study import prepare, run_search
+from autodecomp.results.tables import summarise_search
+from autodecomp.search.study import prepare, run_search
+from autodecomp.workload.baseline import load_baseline
 
 
 def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) -> Path:
@@ -20,7 +21,7 @@ def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) ->
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
     if search:
-        run_search(cfg, log=lambda line: None)
+        summarise_search(run_search(cfg, log=lambda line: None).study, cfg, log=lambda line: None)
     else:
         prepared = prepare(cfg)
         load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)

@@ -8,18 +8,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (
-    DecomposedConv,
-    DecompositionError,
-    UnsupportedLayerError,
-    get_method,
-    methods,
-    register,
-    supporting_methods,
-)
-from .spec import ConvSpec
+from ..core.errors import DecompositionError, UnsupportedLayerError
+from ..core.spec import ConvSpec
+from .base import DecomposedConv, get_method, methods, register, supporting_methods
 
-_INFRASTRUCTURE = {"base", "spec", "layers"}
+_INFRASTRUCTURE = {"base", "layers"}
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _INFRASTRUCTURE and not _info.name.startswith("_"):

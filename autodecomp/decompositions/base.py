@@ -11,24 +11,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.errors import UnsupportedLayerError
+from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
-from ..factorize.output_fit import (
-    balance_norms,
-    refine_output_fit,
-    unwhiten_rows,
-    whiten_input,
-)
-from .spec import ConvSpec
+from ..factorize.output_fit import balance_norms, refine_output_fit, unwhiten_rows, whiten_input
 
 if TYPE_CHECKING:
-    from ..calibration import InputStats
+    from ..factorize.input_stats import InputStats
 
 __all__ = [
     "DATA_DAMPING",
     "REFINE_STEPS",
     "DecomposedConv",
-    "DecompositionError",
-    "UnsupportedLayerError",
     "get_method",
     "methods",
     "register",
@@ -39,14 +33,6 @@ Rank = Any  # each method documents its own rank spec (int, tuple, ...), always 
 
 DATA_DAMPING = 1e-2  # data-aware fits use Σ + DATA_DAMPING * mean(diag Σ) * I
 REFINE_STEPS = 50  # L-BFGS iterations of the output-error refinement
-
-
-class UnsupportedLayerError(ValueError):
-    """A method cannot represent this layer (grouped conv, prime channel counts, ...)."""
-
-
-class DecompositionError(RuntimeError):
-    """A numerical factorisation failed (NaN, divergence, degenerate factors)."""
 
 
 class DecomposedConv(nn.Module, ABC):
@@ -177,7 +163,7 @@ class DecomposedConv(nn.Module, ABC):
         rank, options); finally the factors' norms are equalised (``balance_norms``).
 
         Args:
-            stats: the input statistics of this layer (:mod:`autodecomp.calibration`).
+            stats: the input statistics of this layer (:mod:`autodecomp.compress.calibration`).
             damping: ``λ`` (> 0 unless ``Σ`` is non-singular).
             refine_steps: L-BFGS iterations of the second stage (0 skips it).
             whiten: run :meth:`whitened_init`; ``False`` starts the refinement from the

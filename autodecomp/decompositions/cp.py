@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
+from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.cp_als import cp_als
 from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
-from .spec import ConvSpec
 
 _SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread")
 

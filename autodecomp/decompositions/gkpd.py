@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.kronecker import (
     Structure,
@@ -29,7 +30,6 @@ from ..factorize.kronecker import (
     structures,
 )
 from .base import DecomposedConv, register
-from .spec import ConvSpec
 
 __all__ = ["GKPDConv", "KroneckerChainConv", "chain_macs"]
 

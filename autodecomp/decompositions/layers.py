@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import ConvSpec
+from ..core.spec import ConvSpec
 
 __all__ = ["SpatialConv", "pointwise", "pointwise_conv"]
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache
 from .base import DecomposedConv, register, round_down_width
 from .cp import cached_cp, check_cp_rank, max_cp_rank
 from .layers import SpatialConv, pointwise, pointwise_conv
-from .spec import ConvSpec
 
 
 def _kernel_shape(spec: ConvSpec) -> tuple[int, int, int]:

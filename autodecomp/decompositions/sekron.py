@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..core.spec import ConvSpec
 from ..factorize.kronecker import (
     Structure,
     is_structure,
@@ -26,7 +27,6 @@ from ..factorize.kronecker import (
 )
 from .base import register
 from .gkpd import KroneckerChainConv, as_shape, check_rank_keys
-from .spec import ConvSpec
 
 __all__ = ["SeKronConv"]
 

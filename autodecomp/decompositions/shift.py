@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.shift import Shift
+from ..core.spec import ConvSpec
 from ..factorize.cache import default_cache, weight_key
-from ..shift import Shift
 from .base import DecomposedConv, register
 from .layers import pointwise, pointwise_conv
-from .spec import ConvSpec
 
 Ranks = tuple[int, ...]
 

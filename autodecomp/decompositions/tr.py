@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from ..core.errors import DecompositionError
+from ..core.spec import ConvSpec
 from ..factorize.cache import default_cache, weight_key
 from ..factorize.tensor_train import left_singular_vectors, ring_decompose
-from .base import DecomposedConv, DecompositionError, register
+from .base import DecomposedConv, register
 from .layers import SpatialConv, pointwise, pointwise_conv
-from .spec import ConvSpec
 
 TRRank = list[int]
 

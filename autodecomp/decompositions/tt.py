@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import DecompositionError
+from ..core.spec import ConvSpec
 from ..factorize.cache import default_cache, weight_key
 from ..factorize.tensor_train import tt_svd
-from .base import DecomposedConv, DecompositionError, register
+from .base import DecomposedConv, register
 from .layers import SpatialConv
-from .spec import ConvSpec
 
 TTRank = dict[str, list[int]]
 _MAX_DEFAULT_DEPTH = 6

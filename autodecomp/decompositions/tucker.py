@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import unwhiten_rows, whiten_input
 from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
-from .spec import ConvSpec
 
 if TYPE_CHECKING:
-    from ..calibration import InputStats
+    from ..factorize.input_stats import InputStats
 
 
 def _hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write, exclusive_lock
+from ..core.files import atomic_write, exclusive_lock
 
 __all__ = ["FactorCache", "default_cache", "weight_key"]
 

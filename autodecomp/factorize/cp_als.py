@@ -15,7 +15,7 @@ any order:
 - Small problems not fitted exactly (ALS stalls in swamps and local minima) are polished
   by Levenberg-Marquardt and retried from a couple of seeded random starts.
 - NaN/Inf and degenerate solutions (weights diverging while components cancel) raise
-  :class:`~autodecomp.decompositions.base.DecompositionError`.
+  :class:`~autodecomp.core.errors.DecompositionError`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decompositions.base import DecompositionError
+from ..core.errors import DecompositionError
 
 __all__ = ["cp_als", "cp_to_tensor"]
 

@@ -2,7 +2,7 @@
 
 The objective is ``||(W_hat - W) L||^2`` with ``W`` read as ``(F, C*kh*kw)`` and ``L`` a
 Cholesky factor of the (damped) second moment of the layer's input patches, which is the
-mean squared output error on the calibration inputs (see :mod:`autodecomp.calibration`).
+mean squared output error on the calibration inputs (see :mod:`autodecomp.compress.calibration`).
 """
 
 from __future__ import annotations

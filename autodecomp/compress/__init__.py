@@ -1,0 +1,1 @@
+"""Plans applied to models: plan entries, surgery, shift-block pruning, calibration statistics."""

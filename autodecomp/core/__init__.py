@@ -1,0 +1,1 @@
+"""Ground floor: ConvSpec, user-facing errors, atomic files and locks, the Shift op, the version."""

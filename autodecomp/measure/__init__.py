@@ -1,0 +1,1 @@
+"""What a model costs: fvcore MACs and parameters, measured latency, per-plan cost."""

@@ -1,0 +1,1 @@
+"""What a study found: tables, Pareto fronts, reports, plots, proxy statistics."""

@@ -1,0 +1,208 @@
+"""Study results as pandas tables: every trial, every layer of every trial, the Pareto front.
+
+- ``trials.csv``: one row per trial: number, state, objectives, constraints and
+  feasibility, measured latency (``latency_cpu_ms`` / ``latency_cuda_ms``, when measured),
+  compression ratios (compressed / baseline), the cheap proxies (pre-fine-tune accuracy,
+  kernel / layer output / network output error, output KL, accuracy at the floor step),
+  time, why and at which stage it ended early, and ``<layer>/method`` / ``<layer>/rank``
+  (and ``<layer>/prune`` for shift-pruned entries).
+- ``layers.csv``: long table, one row per (trial, layer or pruned shift block): method,
+  rank (a pruned block's: its direction-group sizes), ratio, prune (the fraction of shift
+  channels removed), rel_error (kernel), output_error (layer output on the calibration
+  batch), macs, params.
+- ``pareto.csv``: the feasible non-dominated trials (``study.best_trials``) sorted by MACs,
+  with the plan as JSON so any row can be rebuilt with :func:`autodecomp.apply_plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from ..compress.plan import plan_summary
+from ..config import StudyConfig
+from ..core.files import atomic_write
+from ..search.study import COUNTED
+
+__all__ = [
+    "PROXY_ATTRS",
+    "format_front",
+    "latency_columns",
+    "layers_frame",
+    "pareto_frame",
+    "summarise_search",
+    "trials_frame",
+    "write_tables",
+]
+
+# Cheap proxy scores a trial records (see autodecomp.search.objective), besides pre_ft_accuracy.
+PROXY_ATTRS = (
+    "kernel_error",
+    "layer_output_error",
+    "output_error",
+    "output_kl",
+    "floor_accuracy",
+)
+
+
+def _objective_names(study: optuna.Study) -> list[str]:
+    config = study.user_attrs.get("config") or {}
+    names = config.get("objectives")
+    if names and len(names) == len(study.directions):
+        return list(names)
+    return [f"value_{i}" for i in range(len(study.directions))]
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else value
+
+
+def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
+    values = dict(zip(names, trial.values or [None] * len(names), strict=True))
+    row["accuracy"] = values.get("accuracy")
+    row["macs"] = attrs.get("macs")
+    row["params"] = attrs.get("params")
+    for kind, ms in (attrs.get("latency_ms") or {}).items():
+        row[f"latency_{kind}_ms"] = ms
+    constraints = trial.constraints
+    for key, value in sorted(constraints.items()):
+        row[f"constraint_{key}"] = value
+    row["feasible"] = all(v <= 0 for v in constraints.values()) if constraints else None
+    row["macs_ratio"] = attrs.get("macs_ratio")
+    row["params_ratio"] = attrs.get("params_ratio")
+    row["pre_ft_accuracy"] = attrs.get("pre_ft_accuracy")
+    for proxy in PROXY_ATTRS:
+        row[proxy] = attrs.get(proxy)
+    row["over_budget"] = attrs.get("over_budget")
+    row["seconds"] = (attrs.get("seconds") or {}).get("total")
+    row["ended"] = attrs.get("pruned") or attrs.get("fail_reason")
+    row["pruned_at"] = attrs.get("pruned_at")
+    row["methods"] = plan_summary(attrs.get("plan"))
+    for layer, rec in (attrs.get("layers") or {}).items():
+        row[f"{layer}/method"] = rec["method"]
+        row[f"{layer}/rank"] = _cell(rec["rank"])
+        if rec.get("prune") is not None:
+            row[f"{layer}/prune"] = rec["prune"]
+    return row
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial (all states), ordered by trial number."""
+    names = _objective_names(study)
+    rows = [_row(t, names) for t in study.get_trials(deepcopy=False)]
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("number", ignore_index=True) if rows else frame
+
+
+def layers_frame(study: optuna.Study) -> pd.DataFrame:
+    """Long table: one row per (trial, layer) of every trial that got as far as counting."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        for layer, rec in (trial.user_attrs.get("layers") or {}).items():
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "state": trial.state.name,
+                    "layer": layer,
+                    "method": rec["method"],
+                    "rank": _cell(rec["rank"]),
+                    "ratio": rec["ratio"],
+                    "prune": rec.get("prune"),
+                    "rel_error": rec["rel_error"],
+                    "output_error": rec.get("output_error"),
+                    "macs": rec["macs"],
+                    "params": rec["params"],
+                }
+            )
+    columns = ["trial", "state", "layer", "method", "rank", "ratio", "prune", "rel_error"]
+    columns += ["output_error", "macs", "params"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def pareto_frame(study: optuna.Study) -> pd.DataFrame:
+    """The feasible Pareto front (``study.best_trials``) sorted by MACs, with plans as JSON."""
+    names = _objective_names(study)
+    best = study.best_trials
+    rows = []
+    for trial in best:
+        row = _row(trial, names)
+        row["plan"] = json.dumps(trial.user_attrs.get("plan"), sort_keys=True)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if rows:
+        frame = frame.sort_values(["macs", "number"], ignore_index=True)
+    return frame
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def write_tables(study: optuna.Study, folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``trials.csv``, ``layers.csv`` and ``pareto.csv`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = {
+        "trials": trials_frame(study),
+        "layers": layers_frame(study),
+        "pareto": pareto_frame(study),
+    }
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = folder / f"{name}.csv"
+        _write_csv(frame, paths[name])
+    return paths
+
+
+def format_front(front: pd.DataFrame) -> str:
+    """The Pareto front as a fixed-width text table."""
+    if front.empty:
+        return "(no feasible completed trial yet)"
+    shown = pd.DataFrame(
+        {
+            "trial": front["number"],
+            "accuracy": front["accuracy"].map("{:.4f}".format) if "accuracy" in front else None,
+            "pre-ft": front["pre_ft_accuracy"].map(
+                lambda v: "-" if v is None or pd.isna(v) else f"{v:.4f}"
+            ),
+            "MACs": front["macs"].map(lambda v: f"{int(v):,}"),
+            "MACs x": front["macs_ratio"].map("{:.3f}".format),
+            "params": front["params"].map(lambda v: f"{int(v):,}"),
+            "params x": front["params_ratio"].map("{:.3f}".format),
+        }
+    )
+    for column in latency_columns(front):
+        shown[column.replace("_ms", " ms").replace("_", " ")] = front[column].map(
+            lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}"
+        )
+    shown["methods"] = front["methods"]
+    return shown.to_string(index=False)
+
+
+def latency_columns(frame: pd.DataFrame) -> list[str]:
+    """The measured-latency columns of a trials / front table (``latency_<device>_ms``)."""
+    return [c for c in frame.columns if c.startswith("latency_") and c.endswith("_ms")]
+
+
+def summarise_search(
+    study: optuna.Study, cfg: StudyConfig, log: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """Write the study's tables next to its config and log the counts and the Pareto front."""
+    tables = write_tables(study, cfg.folder)
+    counted = len(study.get_trials(deepcopy=False, states=COUNTED))
+    failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+    log(
+        f"{counted}/{cfg.trials} trials counted ({failed} failed); "
+        f"tables: {', '.join(str(p) for p in tables.values())}"
+    )
+    log("Pareto front (feasible, non-dominated):")
+    log(format_front(pareto_frame(study)))
+    return tables

@@ -1,0 +1,1 @@
+"""The Optuna search: space, proxies, objective, allocation ladder, study, workers, storage."""

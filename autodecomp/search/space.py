@@ -1,0 +1,312 @@
+"""The search space on a concrete model: the only module that calls ``trial.suggest_*``.
+
+Per target layer the trial draws ``"{layer}/method"`` from a categorical whose choices are
+fixed for that layer across trials (the allowed methods that support it, plus ``"keep"``
+when allowed), then one method-scoped parameter: ``"{layer}/{method}/ratio"`` (a float) or,
+when the space lists explicit ranks for that method, ``"{layer}/{method}/rank"``.
+
+Shift pruning (``shift_prune`` in the space): every shift block of the model
+(:func:`autodecomp.compress.prune.shift_blocks`: the 1x1 -> shift -> 1x1 blocks of a ShiftResNet, or
+any module following that protocol) selected by the layer globs draws
+``"{block}/shift_prune"``, the fraction of its intermediate channels removed (plan entry
+``{"method": "prune", "prune": p}`` under the block's name). The 1x1 convs inside a pruned
+block are not decomposition targets: pruning is how such a block is compressed, so every
+module of the model has at most one plan entry and ``apply_plan`` never decomposes a layer
+whose shape pruning changes. A layer that draws a method building shift blocks (``shift``)
+also draws ``"{layer}/{method}/prune"`` in the same range, and its entry gets ``"prune": p``:
+``apply_plan`` decomposes it, then prunes the decomposed layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from torch import nn
+
+from ..compress.prune import PRUNE, prunable_methods, shift_blocks
+from ..compress.surgery import KEEP, conv_layers
+from ..config import RatioRange, SpaceConfig
+from ..core.errors import ConfigError
+from ..decompositions import ConvSpec, get_method, supporting_methods
+
+__all__ = [
+    "KEEP",
+    "PRUNE",
+    "BlockSpace",
+    "LayerSpace",
+    "SearchSpace",
+    "block_params",
+    "data_init_supported",
+    "layer_params",
+    "resolve_space",
+    "suggest_plan",
+    "uniform_params",
+]
+
+RankCode = int | str  # an int rank, or a JSON list for tuple ranks (Optuna choices are scalars)
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """What the search may do with one layer."""
+
+    name: str
+    spec: ConvSpec
+    choices: tuple[str, ...]
+    ratio: RatioRange
+    ranks: dict[str, tuple[RankCode, ...]] = field(default_factory=dict)
+    prune: RatioRange | None = None  # the pruning range of the choices in ``prunable``
+    prunable: tuple[str, ...] = ()  # choices whose decomposed layer is pruned as well
+    rank_multiple: int = 1  # ratio-chosen channel ranks >= this: rounded down to a multiple
+
+    def param_names(self) -> list[str]:
+        """Every parameter name this layer can produce."""
+        names = [f"{self.name}/method"]
+        for method in self.choices:
+            if method != KEEP:
+                names.append(f"{self.name}/{method}/{'rank' if method in self.ranks else 'ratio'}")
+            if method in self.prunable:
+                names.append(f"{self.name}/{method}/prune")
+        return names
+
+
+@dataclass(frozen=True)
+class BlockSpace:
+    """A shift block whose intermediate channels the search prunes."""
+
+    name: str
+    prune: RatioRange
+
+    def param_names(self) -> list[str]:
+        return [f"{self.name}/shift_prune"]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The resolved per-layer choices and pruned shift blocks of a search space on one model."""
+
+    layers: tuple[LayerSpace, ...]
+    blocks: tuple[BlockSpace, ...] = ()
+    init: str = "weight"  # "data": decomposed layers are fitted to calibration outputs
+
+    @property
+    def names(self) -> list[str]:
+        """Every plan key: the searched layers, then the pruned shift blocks."""
+        return [layer.name for layer in self.layers] + [block.name for block in self.blocks]
+
+
+def _encode(rank: Any) -> RankCode:
+    return rank if isinstance(rank, int) else json.dumps(list(rank))
+
+
+def _decode(code: RankCode) -> Any:
+    return json.loads(code) if isinstance(code, str) else code
+
+
+def _matching(
+    names: Sequence[str], patterns: Sequence[str], where: str, kind: str = "target conv layer"
+) -> set[str]:
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise ConfigError(f"{where}: glob {pattern!r} matches no {kind}; layers: {shown}")
+        matched.update(hits)
+    return matched
+
+
+def _rank_codes(
+    name: str, spec: ConvSpec, method: str, ranks: Sequence[Any]
+) -> tuple[RankCode, ...]:
+    cls = get_method(method)
+    codes: list[RankCode] = []
+    for rank in ranks:
+        try:
+            normal = cls.normalize_rank(spec, rank)
+        except ValueError as err:
+            raise ConfigError(f"space ranks for {method!r} on layer {name!r}: {err}") from None
+        code = _encode(normal)
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
+def resolve_space(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
+    """Apply a search-space config to a model's conv layers and (with ``shift_prune``) its
+    shift blocks; the layer globs select among both.
+
+    Raises:
+        ConfigError: a glob that matches no layer, a rank invalid for a layer, or a target
+            layer that no allowed method supports while ``keep`` is disallowed.
+    """
+    try:
+        return _resolve(model, cfg)
+    except ConfigError as err:
+        if cfg.source == "<inline>":
+            raise
+        raise ConfigError(f"{cfg.source}: {err}") from None
+
+
+def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
+    convs = conv_layers(model)
+    blocks = shift_blocks(model) if cfg.shift_prune is not None else []
+    kind = "conv layer or shift block" if blocks else "target conv layer"
+    included = _matching(convs + blocks, cfg.include, "space.layers.include", kind)
+    excluded = _matching(convs + blocks, cfg.exclude, "space.layers.exclude", kind)
+    pruned = [b for b in blocks if b in included and b not in excluded]
+    inside = tuple(f"{b}." for b in pruned)
+    targets = [n for n in convs if n in included and n not in excluded and not n.startswith(inside)]
+    if not targets and not pruned:
+        raise ConfigError(f"space.layers: include/exclude leave no {kind} to search")
+    rules = [
+        (r, _matching(targets, r.layers, f"space.overrides[{i}].layers"))
+        for i, r in enumerate(cfg.overrides)
+    ]
+    layers = []
+    for name in targets:
+        methods, keep, ratio, ranks = cfg.methods, cfg.keep, cfg.ratio, dict(cfg.ranks)
+        for rule, hits in rules:
+            if name in hits:
+                methods = rule.methods if rule.methods is not None else methods
+                keep = rule.keep if rule.keep is not None else keep
+                ratio = rule.ratio or ratio
+                ranks = {**ranks, **(rule.ranks or {})}
+        spec = ConvSpec.from_conv(model.get_submodule(name))
+        supported = supporting_methods(spec)
+        offered = [m for m in methods if m in supported]
+        if not offered and not keep:
+            raise ConfigError(
+                f"layer {name!r}: none of the allowed methods ({', '.join(methods)}) supports "
+                f"it and keep is false; methods that can: {', '.join(supported) or 'none'}"
+            )
+        if not offered:  # only "keep": nothing to search on this layer
+            continue
+        pruning = cfg.shift_prune is not None
+        prunable = tuple(m for m in offered if m in prunable_methods()) if pruning else ()
+        layers.append(
+            LayerSpace(
+                name=name,
+                spec=spec,
+                choices=tuple(offered) + ((KEEP,) if keep else ()),
+                ratio=ratio,
+                ranks={m: _rank_codes(name, spec, m, ranks[m]) for m in offered if m in ranks},
+                prune=cfg.shift_prune if prunable else None,
+                prunable=prunable,
+                rank_multiple=cfg.rank_multiple,
+            )
+        )
+    blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
+    return SearchSpace(tuple(layers), blocks_space, cfg.init)
+
+
+def _suggest_ratio(trial: optuna.Trial, name: str, r: RatioRange) -> float:
+    return trial.suggest_float(name, r.lo, r.hi, log=r.log, step=r.step)
+
+
+def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """Draw a JSON-serialisable plan for :func:`autodecomp.apply_plan` from ``trial``."""
+    plan: dict[str, dict[str, Any]] = {}
+    for layer in space.layers:
+        method = trial.suggest_categorical(f"{layer.name}/method", list(layer.choices))
+        if method == KEEP:
+            plan[layer.name] = {"method": KEEP}
+        elif method in layer.ranks:
+            code = trial.suggest_categorical(
+                f"{layer.name}/{method}/rank", list(layer.ranks[method])
+            )
+            plan[layer.name] = {"method": method, "rank": _decode(code)}
+        else:
+            ratio = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
+            plan[layer.name] = {"method": method, "ratio": ratio}
+            if layer.rank_multiple > 1:
+                plan[layer.name]["rank_multiple"] = layer.rank_multiple
+        if method in layer.prunable:
+            prune = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
+            plan[layer.name]["prune"] = prune
+        if method != KEEP and space.init == "data" and data_init_supported(layer.spec):
+            plan[layer.name]["init"] = "data"
+    for block in space.blocks:
+        prune = _suggest_ratio(trial, f"{block.name}/shift_prune", block.prune)
+        plan[block.name] = {"method": PRUNE, "prune": prune}
+    return plan
+
+
+def data_init_supported(spec: ConvSpec) -> bool:
+    """Whether a layer's input statistics can be collected (plain zero-padded convs)."""
+    return spec.groups == 1 and spec.padding_mode == "zeros"
+
+
+def _snap(ratio: float, r: RatioRange) -> float:
+    if r.step is not None:
+        ratio = r.lo + round((ratio - r.lo) / r.step) * r.step
+    return min(max(ratio, r.lo), r.hi)
+
+
+def _nearest_rank(layer: LayerSpace, method: str, ratio: float) -> RankCode:
+    """The largest listed rank within ``ratio`` of the dense parameters (else the smallest)."""
+    cls = get_method(method)
+    sized = sorted(
+        (cls.param_count(layer.spec, cls.normalize_rank(layer.spec, _decode(c))), c)
+        for c in layer.ranks[method]
+    )
+    budget = ratio * layer.spec.dense_params()
+    within = [c for p, c in sized if p <= budget]
+    return within[-1] if within else sized[0][1]
+
+
+def layer_params(layer: LayerSpace, method: str, ratio: float | None = None) -> dict[str, Any]:
+    """Fixed parameters putting ``layer`` on ``method`` at about ``ratio``.
+
+    The ratio is clipped (and snapped to the step) into the layer's range; with explicit
+    ranks, the largest rank within the ratio is taken; a pruned method's pruning ratio is
+    the range's low end.
+    """
+    params: dict[str, Any] = {f"{layer.name}/method": method}
+    if method == KEEP:
+        return params
+    if method in layer.ranks:
+        params[f"{layer.name}/{method}/rank"] = _nearest_rank(layer, method, ratio)
+    else:
+        params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio)
+    if method in layer.prunable:
+        params[f"{layer.name}/{method}/prune"] = layer.prune.lo
+    return params
+
+
+def block_params(space: SearchSpace) -> dict[str, Any]:
+    """The pruned shift blocks at the low end of their pruning range."""
+    return {f"{block.name}/shift_prune": block.prune.lo for block in space.blocks}
+
+
+def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) -> dict[str, Any]:
+    """Fixed parameters of a uniform baseline: every layer ``method`` at ``ratio``.
+
+    Layers that do not offer ``method`` are kept dense; each layer's value is that of
+    :func:`layer_params`; shift blocks are at the low end of their pruning range.
+
+    Raises:
+        ConfigError: no layer offers ``method``, or a layer offers neither it nor ``keep``.
+    """
+    if method != KEEP and not any(method in layer.choices for layer in space.layers):
+        offered = sorted({m for layer in space.layers for m in layer.choices})
+        raise ConfigError(
+            f"warm_start {method!r} is offered on no searched layer; offered: {', '.join(offered)}"
+        )
+    params: dict[str, Any] = {}
+    for layer in space.layers:
+        if method in layer.choices:
+            params |= layer_params(layer, method, ratio)
+        elif KEEP in layer.choices:
+            params |= layer_params(layer, KEEP)
+        else:
+            raise ConfigError(
+                f"warm_start {method!r}: layer {layer.name!r} offers neither it nor keep "
+                f"(choices: {', '.join(layer.choices)})"
+            )
+    return params | block_params(space)

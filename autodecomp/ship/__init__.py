@@ -1,0 +1,1 @@
+"""Deployable models: the model file format and export."""

@@ -1,0 +1,40 @@
+"""The house rules: no import circle, imports only go down (import-linter), small modules."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+PACKAGE = Path(__file__).resolve().parents[1] / "autodecomp"
+
+
+def test_no_module_imports_itself_back() -> None:
+    graph = grimp.build_graph("autodecomp")
+    circles = sorted(
+        (module, imported)
+        for module in graph.modules
+        for imported in graph.find_modules_directly_imported_by(module)
+        if graph.chain_exists(importer=imported, imported=module)
+    )
+    assert circles == []
+
+
+def test_import_contract_holds() -> None:
+    linter = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
+    root = PACKAGE.parent
+    done = subprocess.run([linter], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "1 kept, 0 broken" in done.stdout
+
+
+def test_no_module_over_600_lines() -> None:
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 600
+    }
+    assert long == {}
