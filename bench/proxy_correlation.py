@@ -27,9 +27,9 @@ import torch
 
 from autodecomp.config import StudyConfig, load_config
 from autodecomp.results.proxy_stats import PROXIES, kendall_frame, proxy_frame
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.study import make_sampler, prepare
-from autodecomp.workload.baseline import load_baseline
 
 
 def _study(cfg: StudyConfig, baseline, sampler: optuna.samplers.BaseSampler) -> optuna.Study:

@@ -25,9 +25,9 @@ from pathlib import Path
 import optuna
 
 from autodecomp.config import load_config
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.study import open_study, prepare, study_callbacks
-from autodecomp.workload.baseline import load_baseline
 
 # Phases that are the proxy's real work: fine-tune steps (the floor check runs inside
 # them) and the evaluations. Everything else is overhead.

@@ -47,10 +47,10 @@ import torch
 from autodecomp.config import SamplerConfig, StudyConfig, load_config
 from autodecomp.results.report import hypervolume, hypervolume_frame
 from autodecomp.search.allocate import Ladder, allocation_ladder, uniform_plans
+from autodecomp.search.baseline import Baseline, load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.space import KEEP, SearchSpace
 from autodecomp.search.study import make_sampler, prepare, shared_factor_cache
-from autodecomp.workload.baseline import Baseline, load_baseline
 
 
 def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSampler):

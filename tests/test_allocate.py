@@ -29,10 +29,10 @@ from autodecomp.search.allocate import (
     error_front,
     layer_options,
 )
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.proxies import Calibration, calibration_batch
 from autodecomp.search.space import SearchSpace, suggest_plan
 from autodecomp.search.study import prepare
-from autodecomp.workload.baseline import load_baseline
 
 STUDY = {
     "model": "digits_cnn",

@@ -18,9 +18,9 @@ from autodecomp.decompositions import DecomposedConv
 from autodecomp.measure.latency import LatencyMeter, measure_latency, structure_key
 from autodecomp.results.report import hypervolume
 from autodecomp.results.tables import format_front, pareto_frame, trials_frame
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.study import prepare
-from autodecomp.workload.baseline import load_baseline
 
 
 class FakeTimer:

@@ -16,6 +16,7 @@ import autodecomp as ad
 from autodecomp.config import load_config
 from autodecomp.results.proxy_stats import kendall_frame, proxy_frame, pruning_frame
 from autodecomp.results.report import write_report
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.proxies import (
     Calibration,
@@ -25,7 +26,6 @@ from autodecomp.search.proxies import (
     relative_error,
 )
 from autodecomp.search.study import prepare
-from autodecomp.workload.baseline import load_baseline
 
 
 def _two_convs() -> nn.Sequential:

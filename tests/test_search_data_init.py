@@ -14,11 +14,11 @@ from tiny_study import make_study
 from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
 from autodecomp.measure.cost import count_macs
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import Objective
 from autodecomp.search.space import uniform_params
 from autodecomp.search.study import prepare
 from autodecomp.ship import export
-from autodecomp.workload.baseline import load_baseline
 
 STUDY = {
     "model": "digits_cnn",

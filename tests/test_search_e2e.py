@@ -16,8 +16,8 @@ import autodecomp as ad
 from autodecomp.cli import main
 from autodecomp.config import load_config
 from autodecomp.search import objective as objective_module
+from autodecomp.search.baseline import cache_paths
 from autodecomp.search.study import COUNTED
-from autodecomp.workload.baseline import cache_paths
 from autodecomp.workload.models import get_model
 
 STUDY = {

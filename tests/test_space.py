@@ -16,9 +16,9 @@ from autodecomp.config import load_config, parse_space
 from autodecomp.core.errors import ConfigError
 from autodecomp.measure.plan_cost import PlanCost
 from autodecomp.search import objective as objective_module
+from autodecomp.search.baseline import Baseline
 from autodecomp.search.objective import Objective
 from autodecomp.search.space import resolve_space, suggest_plan, uniform_params
-from autodecomp.workload.baseline import Baseline
 from autodecomp.workload.data import load_data
 from autodecomp.workload.models import get_model
 

@@ -9,8 +9,8 @@ import yaml
 
 from autodecomp.config import load_config
 from autodecomp.results.tables import summarise_search
+from autodecomp.search.baseline import load_baseline
 from autodecomp.search.study import prepare, run_search
-from autodecomp.workload.baseline import load_baseline
 
 
 def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) -> Path:

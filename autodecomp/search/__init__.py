@@ -1,1 +1,2 @@
-"""The Optuna search: space, proxies, objective, allocation ladder, study, workers, storage."""
+"""The Optuna search: baseline, space, proxies, objective, allocation ladder, study, workers,
+storage."""

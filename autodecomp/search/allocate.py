@@ -45,8 +45,8 @@ from ..config import StudyConfig
 from ..decompositions import get_method, methods
 from ..measure.cost import count_params
 from ..measure.plan_cost import PlanCost
-from ..workload.baseline import Baseline
 from ..workload.data import DataSplits
+from .baseline import Baseline
 from .proxies import Calibration, calibration_batch, kernel_errors
 from .space import (
     KEEP,

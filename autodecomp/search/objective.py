@@ -47,8 +47,8 @@ from ..factorize.input_stats import InputStats
 from ..measure.latency import LatencyMeter, structure_key
 from ..measure.plan_cost import PlanCost
 from ..workload import train
-from ..workload.baseline import Baseline
 from ..workload.data import DataSplits, make_loader
+from .baseline import Baseline
 from .proxies import Calibration, calibration_batch, kernel_errors, mean_error
 from .space import SearchSpace, data_init_supported, suggest_plan
 

@@ -33,10 +33,10 @@ from ..compress.plan import plan_summary
 from ..config import SamplerConfig, StudyConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..factorize import default_cache
-from ..workload.baseline import Baseline, load_baseline
 from ..workload.data import DataSplits, load_data
 from ..workload.models import get_model
 from .allocate import Ladder, allocation_ladder
+from .baseline import Baseline, load_baseline
 from .objective import CATCH, Objective
 from .space import SearchSpace, resolve_space, uniform_params
 from .storage import check_storage, open_storage

@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudyConfig, config_from_dict
 from ..core.errors import ConfigError
-from ..workload.baseline import Baseline, cache_paths
+from .baseline import Baseline, cache_paths
 from .objective import CATCH, Objective
 from .storage import Heartbeat, check_storage, journal_path, open_storage, shown, trial_start_lock
 from .study import (

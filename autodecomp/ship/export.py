@@ -369,10 +369,10 @@ def export_trial(
     from ..compress.surgery import apply_plan, data_init_layers
     from ..measure.cost import count_macs, count_params
     from ..results.report import read_study
+    from ..search.baseline import cache_paths, load_baseline
     from ..search.objective import data_init_stats
     from ..search.study import prepare
     from ..workload import train
-    from ..workload.baseline import cache_paths, load_baseline
     from ..workload.data import make_loader
 
     _check_format(fmt)

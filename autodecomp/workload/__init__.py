@@ -1,1 +1,1 @@
-"""What is compressed and how it is trained: models, data sets, training, the baseline."""
+"""What is compressed and how it is trained: models, data sets, training, the proxy fine-tune."""

@@ -26,8 +26,8 @@ from ..config import StudyConfig
 from ..core.errors import ConfigError
 from ..core.files import atomic_write, exclusive_lock
 from ..measure.cost import count_macs, count_params
-from . import train
-from .data import DataSplits, make_loader
+from ..workload import train
+from ..workload.data import DataSplits, make_loader
 
 __all__ = ["Baseline", "cache_paths", "load_baseline"]
 
