@@ -26,12 +26,12 @@ from autodecomp.cli import main
 from autodecomp.config import config_from_dict, load_config
 from autodecomp.core.errors import ConfigError
 from autodecomp.factorize.cache import FactorCache
+from autodecomp.search import baseline as baseline_module
 from autodecomp.search import storage as storage_module
 from autodecomp.search.baseline import cache_paths, load_baseline
 from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
 from autodecomp.search.study import COUNTED, prepare
 from autodecomp.search.worker import TooManyFailures, run_trials
-from autodecomp.workload import baseline as baseline_module
 from autodecomp.workload.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,3 +38,9 @@ def test_no_module_over_600_lines() -> None:
         if (n := len(p.read_text().splitlines())) > 600
     }
     assert long == {}
+
+
+def test_only_users_import_the_public_api() -> None:
+    """`autodecomp/__init__.py` sits above every floor: no module of the package imports it."""
+    graph = grimp.build_graph("autodecomp")
+    assert sorted(graph.find_modules_that_directly_import("autodecomp")) == []
