@@ -14,7 +14,7 @@ from .decompositions import (
     supporting_methods,
 )
 from .measure.cost import count_macs, count_params
-from .ship.export import load
+from .ship.model_file import load
 from .workload.models import get_model, model_names, register_model
 
 __all__ = [

@@ -13,20 +13,22 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .core.errors import ConfigError
+from .core.registry import Registry
 
 __all__ = ["command", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
+Command = tuple[str, Callable[[argparse.ArgumentParser], Handler]]
+# Subcommands import what they run when they run (the top floor: nothing is dodged), so that
+# `autodecomp --help` loads no more than it must.
+_COMMANDS: Registry[Command] = Registry("command")
 
 
 def command(name: str, help: str) -> Callable:
     """Register ``fn(parser) -> handler`` as the subcommand ``name``."""
 
     def decorate(fn: Callable[[argparse.ArgumentParser], Handler]):
-        if name in _COMMANDS:
-            raise ValueError(f"command {name!r} is already registered")
-        _COMMANDS[name] = (help, fn)
+        _COMMANDS.add(name, (help, fn))
         return fn
 
     return decorate
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer search over tensor decompositions for trained PyTorch CNNs.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (text, fn) in _COMMANDS.items():
+    for name, (text, fn) in _COMMANDS.in_order():
         sub = subparsers.add_parser(name, help=text, description=text)
         sub.set_defaults(run=fn(sub))
     return parser

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
 import autodecomp as ad
-from autodecomp.config import apply_overrides, load_config, load_space, parse_space
+from autodecomp.config import (
+    OBJECTIVES,
+    SAMPLERS,
+    BaselineConfig,
+    Budgets,
+    DataConfig,
+    InitialDesign,
+    LatencyConfig,
+    ModelConfig,
+    ProxyConfig,
+    SamplerConfig,
+    apply_overrides,
+    load_config,
+    load_space,
+    parse_space,
+)
+from autodecomp.config.checks import section
 from autodecomp.core.errors import ConfigError
-from autodecomp.search.study import prepare
+from autodecomp.measure import objectives
+from autodecomp.search.study import make_sampler, prepare
+from autodecomp.workload.data import DATASETS, data_names, load_data
 from autodecomp.workload.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +207,83 @@ def test_unknown_model_and_sampler_option(tmp_path):
     assert "resnet21" in _error(prepare, load_config(_study(tmp_path, model="resnet21")))
     cfg = load_config(_study(tmp_path, sampler={"name": "tpe", "options": {"n_startup": 3}}))
     assert "n_startup_trials" in _error(prepare, cfg)
+
+
+# ---- each setting declared once (field + check); names from the shared registries ----
+SECTIONS = (
+    ModelConfig,
+    DataConfig,
+    BaselineConfig,
+    ProxyConfig,
+    Budgets,
+    LatencyConfig,
+    SamplerConfig,
+    InitialDesign,
+)
+
+
+@pytest.mark.parametrize("cls", SECTIONS, ids=lambda c: c.__name__)
+def test_every_section_field_carries_its_check(cls):
+    for item in dataclasses.fields(cls):
+        assert callable(item.metadata.get("check")), f"{cls.__name__}.{item.name}"
+
+
+@pytest.mark.parametrize("cls", SECTIONS[1:], ids=lambda c: c.__name__)
+def test_empty_section_is_the_dataclass_default(cls):
+    assert section(cls, None, "x", Path.cwd()) == cls()
+
+
+def test_budget_forms_in_study_yaml(tmp_path):
+    budgets = {"max_macs": "0.5x", "max_params": "700k", "max_latency_ms": 2}
+    cfg = load_config(_study(tmp_path, budgets=budgets))
+    assert (cfg.budgets.max_macs, cfg.budgets.max_params) == (0.5, 700_000.0)
+    assert cfg.budgets.limits(1000, 10_000) == {"macs": 500.0, "params": 700_000.0, "latency": 2.0}
+    cfg = load_config(_study(tmp_path), ["budgets.max_params=0.25x"])
+    assert cfg.budgets.limits(1000, 10_000) == {"params": 2500.0}
+    msg = _error(load_config, _study(tmp_path, budgets={"max_macs": "2x"}))
+    assert "budgets.max_macs" in msg and "'2x'" in msg and "'0.5x'" in msg
+
+
+def test_objectives_come_from_the_registry(tmp_path):
+    assert OBJECTIVES is objectives.OBJECTIVES
+    cfg = load_config(_study(tmp_path, objectives=["accuracy", "params", "latency"]))
+    assert cfg.directions == [objectives.objective(o).direction for o in cfg.objectives]
+    msg = _error(load_config, _study(tmp_path, objectives=["accuracy", "energy"]))
+    assert "'energy'" in msg and all(name in msg for name in OBJECTIVES.names())
+
+
+def test_samplers_come_from_one_registry(tmp_path):
+    assert set(SAMPLERS.names()) == {"tpe", "nsga2", "random", "gp"}
+    for name, cls in SAMPLERS.items():
+        cfg = load_config(_study(tmp_path, sampler=name, seed=3))
+        assert cfg.sampler.name == name and cfg.sampler.seed == 3
+        assert issubclass(cls, optuna.samplers.BaseSampler)
+        assert type(make_sampler(cfg.sampler)) is cls
+    msg = _error(load_config, _study(tmp_path, sampler={"name": "bayes"}))
+    assert "sampler 'bayes'" in msg and all(name in msg for name in SAMPLERS.names())
+    assert "bayes" in _error(make_sampler, SamplerConfig("bayes"))
+
+
+def test_data_sets_needing_a_root_come_from_the_registry(tmp_path):
+    assert data_names() == ["digits", "cifar10", "cifar100", "imagefolder"]
+    for name in data_names():
+        if DATASETS.get(name).needs_root:
+            msg = _error(load_config, _study(tmp_path, data={"name": name}))
+            assert msg == f"data.root is required for data {name!r} (a local folder)"
+            with pytest.raises(ValueError, match="needs root="):
+                load_data(name)
+        else:
+            assert load_config(_study(tmp_path, data=name)).data.name == name
+    # user data sets are not checked for a root
+    assert load_config(_study(tmp_path, data="pkg.mod:fn")).data.root is None
+
+
+def test_model_and_sampler_shorthands(tmp_path):
+    cfg = load_config(_study(tmp_path, model="digits_cnn", sampler="random", seed=5))
+    assert cfg.model == ModelConfig("digits_cnn")
+    assert cfg.sampler == SamplerConfig("random", 5)
+    cfg = load_config(_study(tmp_path, sampler={"name": "tpe", "seed": 1}, seed=5))
+    assert cfg.sampler.seed == 1
+    assert _error(load_config, _study(tmp_path, model={})) == (
+        "model.name must be a non-empty string, got None"
+    )

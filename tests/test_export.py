@@ -15,7 +15,7 @@ import autodecomp as ad
 from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
 from autodecomp.results import report
-from autodecomp.ship import export
+from autodecomp.ship import export, model_file
 from autodecomp.workload.models import get_model
 
 STUDY = {
@@ -65,7 +65,7 @@ def _x() -> torch.Tensor:
 def test_load_gives_identical_outputs(exported):
     methods = set()
     for result in exported:
-        loaded = export.load(result.path)
+        loaded = model_file.load(result.path)
         assert not loaded.training
         with torch.no_grad():
             assert torch.equal(loaded(_x()), result.model.eval()(_x()))
@@ -77,7 +77,7 @@ def test_macs_and_params_equal_the_study_tables(searched, exported):
     study = report.read_study(str(searched.parent / "study.db"))
     trials = report.trials_frame(study).set_index("number")
     for n, result in enumerate(exported):
-        loaded = export.load(result.path)
+        loaded = model_file.load(result.path)
         macs, params = ad.count_macs(loaded, SHAPE), ad.count_params(loaded)
         assert (macs, params) == (trials.macs[n], trials.params[n])
         assert (macs, params) == (result.meta["metrics"]["macs"], result.meta["metrics"]["params"])
@@ -88,7 +88,7 @@ def test_explicit_ranks_rebuild_the_structure_without_weights(exported):
     ranks = shift.meta["plan"]["conv3"]["rank"]
     assert isinstance(ranks, list) and len(ranks) == 9  # per-slice ranks, not {"channels": R}
     for result in exported:
-        skeleton = export.rebuild(result.meta)
+        skeleton = model_file.rebuild(result.meta)
         dense = get_model("digits_cnn", in_channels=1)  # random weights
         random = ad.apply_plan(dense, result.meta["plan"])  # the explicit ranks, factorised
         shapes = {k: v.shape for k, v in random.state_dict().items()}
@@ -97,7 +97,7 @@ def test_explicit_ranks_rebuild_the_structure_without_weights(exported):
 
 
 def test_metadata_is_self_describing(exported):
-    meta = export.read_metadata(exported[2].path)
+    meta = model_file.read_metadata(exported[2].path)
     assert meta["format"] == "autodecomp-model" and meta["format_version"] == 1
     assert meta["model"] == {"name": "digits_cnn", "kwargs": {}, "num_classes": 10,
                              "in_channels": 1}  # fmt: skip
@@ -114,7 +114,7 @@ def test_metadata_is_self_describing(exported):
 
 def test_load_keeps_the_global_random_state(exported):
     torch.manual_seed(3)
-    export.load(exported[0].path)
+    model_file.load(exported[0].path)
     after_load = torch.rand(1)
     torch.manual_seed(3)
     assert torch.equal(torch.rand(1), after_load)
@@ -141,7 +141,7 @@ def _tampered(path: Path, tmp_path: Path, change) -> Path:
 def test_tampered_file_is_refused(exported, tmp_path, change):
     path = _tampered(exported[0].path, tmp_path, change)
     with pytest.raises(ValueError, match="integrity check failed"):
-        export.load(path)
+        model_file.load(path)
 
 
 class _Payload:
@@ -152,15 +152,15 @@ def test_arbitrary_pickles_and_foreign_files_are_refused(tmp_path):
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": "autodecomp-model", "x": _Payload()}, pickled)
     with pytest.raises(ValueError, match="weights_only"):
-        export.load(pickled)
+        model_file.load(pickled)
     weights = tmp_path / "weights.pt"
     torch.save(get_model("digits_cnn", in_channels=1).state_dict(), weights)
     with pytest.raises(ValueError, match="not a model file written by autodecomp export"):
-        export.load(weights)
+        model_file.load(weights)
     text = tmp_path / "text.pt"
     text.write_text("hello")
     with pytest.raises(ValueError, match="not a model file"):
-        export.load(text)
+        model_file.load(text)
 
 
 def test_save_and_load_every_method(tmp_path):
@@ -170,11 +170,11 @@ def test_save_and_load_every_method(tmp_path):
         model = ad.apply_plan(base, plan).eval()
         meta = {
             "model": {"name": "digits_cnn", "kwargs": {}, "num_classes": 10, "in_channels": 1},
-            "plan": export.explicit_plan(model, plan),
+            "plan": model_file.explicit_plan(model, plan),
             "input_shape": list(SHAPE),
         }
-        path = export.save_model(model, tmp_path / f"{method}.pt", meta)
-        loaded = export.load(path)
+        path = model_file.save_model(model, tmp_path / f"{method}.pt", meta)
+        loaded = model_file.load(path)
         with torch.no_grad():
             assert torch.equal(loaded(_x()), model(_x())), method
 
@@ -189,7 +189,7 @@ def test_torch_export_format(searched, tmp_path):
         assert torch.allclose(program.module()(_x()), result.model(_x()), atol=1e-5)
     assert json.loads(extra["autodecomp.json"])["plan"] == result.meta["plan"]
     with pytest.raises(ValueError, match=r"torch\.export\.load"):
-        export.load(result.path)
+        model_file.load(result.path)
 
 
 def test_onnx_without_its_packages_is_a_clear_error(searched, tmp_path, monkeypatch):
@@ -241,4 +241,4 @@ def test_cli(searched, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     assert run(parser.parse_args([str(searched), "--trial", "2", "-o", str(out)])) == 0
     assert f"wrote {out}: test accuracy" in capsys.readouterr().out
-    assert export.read_metadata(out)["source"]["trial"] == 2
+    assert model_file.read_metadata(out)["source"]["trial"] == 2

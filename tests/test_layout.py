@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -44,3 +45,34 @@ def test_only_users_import_the_public_api() -> None:
     """`autodecomp/__init__.py` sits above every floor: no module of the package imports it."""
     graph = grimp.build_graph("autodecomp")
     assert sorted(graph.find_modules_that_directly_import("autodecomp")) == []
+
+
+def _imports_inside_functions(path: Path) -> list[str]:
+    """Package modules imported inside a function body (outside ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.ImportFrom):
+                names = ["." if node.level else node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(n == "." or n.startswith("autodecomp") for n in names):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    return found
+
+
+def test_package_imports_sit_at_module_top() -> None:
+    """Only the CLI (the top floor) defers imports, so that `--help` loads little; anywhere
+    else a deferred import would hide a dependency from the layers contract's reader."""
+    deferred = [
+        where
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "cli.py" or path.parent != PACKAGE
+        for where in _imports_inside_functions(path)
+    ]
+    assert deferred == []

@@ -7,10 +7,10 @@ import pytest
 from torch import nn
 
 import autodecomp as ad
+from autodecomp.compress.surgery import skeleton
 from autodecomp.config import parse_space
 from autodecomp.core.errors import ConfigError
 from autodecomp.decompositions import ConvSpec, get_method
-from autodecomp.search.allocate import _skeleton
 from autodecomp.search.space import resolve_space, suggest_plan
 
 
@@ -67,9 +67,7 @@ def test_search_plans_carry_rank_multiple_and_skeleton_costs_match():
             widths = _widths(compressed.get_submodule(name).rank)
             assert all(w % 8 == 0 for w in widths if w >= 8)
         shape = (3, 12, 12)
-        assert ad.count_macs(_skeleton(model, space, plan), shape) == ad.count_macs(
-            compressed, shape
-        )
+        assert ad.count_macs(skeleton(model, plan), shape) == ad.count_macs(compressed, shape)
     # the default adds nothing to stored plans
     plain = resolve_space(model, parse_space(cfg))
     assert all("rank_multiple" not in e for e in suggest_plan(study.ask(), plain).values())

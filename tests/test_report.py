@@ -15,7 +15,16 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from autodecomp.core.errors import ConfigError
-from autodecomp.results import report
+from autodecomp.results.front import (
+    front_frame,
+    hypervolume,
+    hypervolume_frame,
+    method_usage_frame,
+)
+from autodecomp.results.queries import best_trial
+from autodecomp.results.report import configure_parser, write_report
+from autodecomp.results.study_view import read_study, snapshot
+from autodecomp.results.tables import trials_frame
 
 BASELINE = {"accuracy": 0.9, "macs": 1000, "params": 100, "input_shape": [1, 8, 8]}
 LIMIT = 900  # MACs budget
@@ -93,7 +102,7 @@ def study() -> optuna.Study:
 
 
 def test_front_membership_order_and_ratios(study):
-    front = report.front_frame(study)
+    front = front_frame(study)
     assert list(front.number) == [0, 1, 3]  # A, B, D sorted by MACs; C dominated, E infeasible
     assert list(front.macs) == [200, 500, 880]
     assert front.accuracy_drop.tolist() == pytest.approx([0.10, 0.05, 0.02], abs=1e-12)
@@ -106,21 +115,21 @@ def test_front_membership_order_and_ratios(study):
 
 
 def test_trials_frame_keeps_running_and_pruned_trials(study):
-    trials = report.trials_frame(study)
+    trials = trials_frame(study)
     assert list(trials.state) == ["COMPLETE"] * 5 + ["PRUNED", "RUNNING"]
 
 
 def test_method_usage_counts_the_front(study):
-    usage = report.method_usage_frame(study)
+    usage = method_usage_frame(study)
     assert list(usage.columns) == ["layer", "cp", "tucker", "keep", "front_trials"]
     assert usage.set_index("layer").loc["conv1"].tolist() == [0, 2, 1, 3]
     assert usage.set_index("layer").loc["conv2"].tolist() == [2, 0, 1, 3]
 
 
 def test_hypervolume_equals_hand_computed_value(study):
-    assert report.hypervolume(study) == pytest.approx(HV_ABD, abs=1e-12)
+    assert hypervolume(study) == pytest.approx(HV_ABD, abs=1e-12)
     assert pytest.approx(0.6686) == HV_ABD
-    history = report.hypervolume_frame(study)
+    history = hypervolume_frame(study)
     assert list(history.number) == list(range(7))
     assert list(history.counted) == [True, True, True, True, False, False, False]
     expected = [HV_A, HV_AB, HV_AB, HV_ABD, HV_ABD, HV_ABD, HV_ABD]
@@ -144,7 +153,7 @@ def test_hypervolume_in_three_objectives():
         )
     # boxes (0.2..1)x(0.5..1)x(0.5..1) = 0.2 and (0.1..1)x(0.8..1)x(0.9..1) = 0.018 overlap in
     # (0.2..1)x(0.8..1)x(0.9..1) = 0.016
-    assert report.hypervolume(study) == pytest.approx(0.2 + 0.018 - 0.016, abs=1e-12)
+    assert hypervolume(study) == pytest.approx(0.2 + 0.018 - 0.016, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +174,7 @@ def test_hypervolume_in_three_objectives():
     ],
 )
 def test_best_trial_queries(study, limits, expected):
-    row = report.best_trial(study, **limits)
+    row = best_trial(study, **limits)
     if expected is None:
         assert row is None
     else:
@@ -177,16 +186,16 @@ def test_best_trial_queries(study, limits, expected):
 @pytest.mark.parametrize("bad", ["abc", 0, -1, "0x", "-5%", "nan", True])
 def test_bad_limits_are_refused(study, bad):
     with pytest.raises(ConfigError, match="max_macs"):
-        report.best_trial(study, max_macs=bad)
+        best_trial(study, max_macs=bad)
 
 
 def test_bad_drop_is_refused(study):
     with pytest.raises(ConfigError, match="max_drop"):
-        report.best_trial(study, max_drop="one point")
+        best_trial(study, max_drop="one point")
 
 
 def test_write_report_files(study, tmp_path):
-    out = report.write_report(study, tmp_path / "r", max_macs="0.5x")
+    out = write_report(study, tmp_path / "r", max_macs="0.5x")
     names = sorted(p.name for p in out["paths"])
     tables = ["trials", "layers", "pareto", "method_usage", "hypervolume"]
     plots = ["pareto.png", "pareto.html", "hypervolume.png", "method_map.png"]
@@ -215,9 +224,9 @@ def test_empty_study_still_reports(tmp_path):
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.set_user_attr("config", {"objectives": ["accuracy", "macs"]})
     study.set_user_attr("baseline", BASELINE)
-    out = report.write_report(study, tmp_path)
+    out = write_report(study, tmp_path)
     assert out["hypervolume"] == 0.0
-    assert report.front_frame(study).empty
+    assert front_frame(study).empty
     assert all(p.stat().st_size > 0 for p in out["paths"])
     assert "(none yet)" in (tmp_path / "report.md").read_text()
 
@@ -225,7 +234,7 @@ def test_empty_study_still_reports(tmp_path):
 def test_foreign_study_is_refused(tmp_path):
     study = optuna.create_study(directions=["maximize", "minimize"])
     with pytest.raises(ConfigError, match="autodecomp search"):
-        report.front_frame(study)
+        front_frame(study)
 
 
 def _digest(path: Path) -> str:
@@ -239,22 +248,22 @@ def test_sqlite_read_only_while_running(tmp_path):
     running = live.ask()  # a worker's trial in flight
     before = _digest(db)
     for source in (str(db), f"sqlite:///{db}"):
-        study = report.read_study(source)  # the only study: no name needed
-        assert list(report.front_frame(study).number) == [0, 1, 3]
-        assert report.trials_frame(study).state.iloc[-1] == "RUNNING"
-    written = report.write_report(report.read_study(str(db)), tmp_path / "r", plots=False)
+        study = read_study(source)  # the only study: no name needed
+        assert list(front_frame(study).number) == [0, 1, 3]
+        assert trials_frame(study).state.iloc[-1] == "RUNNING"
+    written = write_report(read_study(str(db)), tmp_path / "r", plots=False)
     assert pd.read_parquet(tmp_path / "r" / "trials.parquet").state.iloc[-1] == "RUNNING"
     assert written["hypervolume"] == pytest.approx(HV_ABD, abs=1e-12)
     assert _digest(db) == before
     live.tell(running, [0.99, 100.0])  # the worker finishes: the next read sees it
-    assert list(report.front_frame(report.read_study(str(db), "s")).number) == [7]
+    assert list(front_frame(read_study(str(db), "s")).number) == [7]
 
 
 def test_snapshot_is_frozen(study):
-    frozen = report.snapshot(study)
+    frozen = snapshot(study)
     study.add_trial(_trial("H", 0.99, 100, 10, TRIALS[0][4]))  # dominates everything
-    assert list(report.front_frame(study).number) == [7]
-    assert list(report.front_frame(frozen).number) == [0, 1, 3]
+    assert list(front_frame(study).number) == [7]
+    assert list(front_frame(frozen).number) == [0, 1, 3]
     assert frozen.user_attrs == study.user_attrs
 
 
@@ -264,15 +273,15 @@ def test_journal_file_storage(tmp_path):
     _fill(optuna.create_study(study_name="j", storage=storage,
                               directions=["maximize", "minimize"]))  # fmt: skip
     before = _digest(log)
-    study = report.read_study(str(log), "j")
-    assert report.hypervolume(study) == pytest.approx(HV_ABD, abs=1e-12)
+    study = read_study(str(log), "j")
+    assert hypervolume(study) == pytest.approx(HV_ABD, abs=1e-12)
     assert _digest(log) == before
 
 
 def test_missing_storage_is_not_created(tmp_path):
     for source in (str(tmp_path / "nope.db"), f"sqlite:///{tmp_path / 'nope.db'}"):
         with pytest.raises(ConfigError, match=r"nope\.db"):
-            report.read_study(source)
+            read_study(source)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -281,14 +290,14 @@ def test_unknown_study_name_lists_the_valid_ones(tmp_path):
     for name in ("a", "b"):
         optuna.create_study(study_name=name, storage=f"sqlite:///{db}")
     with pytest.raises(ConfigError, match="studies there: a, b"):
-        report.read_study(str(db))
+        read_study(str(db))
     with pytest.raises(ConfigError, match="no study 'c'"):
-        report.read_study(str(db), "c")
+        read_study(str(db), "c")
 
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    return report.configure_parser(parser)(parser.parse_args(argv))
+    return configure_parser(parser)(parser.parse_args(argv))
 
 
 def test_cli_on_a_storage_file(tmp_path, capsys):

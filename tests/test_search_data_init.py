@@ -18,7 +18,7 @@ from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import Objective
 from autodecomp.search.space import uniform_params
 from autodecomp.search.study import prepare
-from autodecomp.ship import export
+from autodecomp.ship import export, model_file
 
 STUDY = {
     "model": "digits_cnn",
@@ -87,4 +87,4 @@ def test_export_rebuilds_the_data_initialised_trial(searched, tmp_path):
     assert result.meta["metrics"]["val_accuracy"] == pytest.approx(trial.values[0])
     x = torch.ones(2, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(export.load(result.path)(x), result.model.eval()(x))
+        torch.testing.assert_close(model_file.load(result.path)(x), result.model.eval()(x))

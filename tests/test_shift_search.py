@@ -19,7 +19,8 @@ from autodecomp.config import load_config, parse_space
 from autodecomp.core.errors import ConfigError
 from autodecomp.results import report
 from autodecomp.search.space import resolve_space, suggest_plan, uniform_params
-from autodecomp.ship.export import explicit_plan, export_trial, read_metadata
+from autodecomp.ship.export import export_trial
+from autodecomp.ship.model_file import explicit_plan, read_metadata
 from autodecomp.workload.models import get_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

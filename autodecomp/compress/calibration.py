@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.spec import ConvSpec
+from ..decompositions import DecomposedConv
 from ..factorize.input_stats import InputStats
 
 __all__ = ["collect_input_stats"]
@@ -66,10 +67,9 @@ def collect_input_stats(
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"calibration layer {name!r} is not an nn.Conv2d of the model")
         spec = ConvSpec.from_conv(conv)
-        if spec.groups != 1 or spec.padding_mode != "zeros":
-            raise ValueError(
-                f"calibration layer {name!r}: only groups=1 convs with zero padding are supported"
-            )
+        reason = DecomposedConv.data_init_reason(spec)
+        if reason is not None:
+            raise ValueError(f"calibration layer {name!r}: {reason}")
         specs[name] = spec
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from ..core.shift import Shift
-from ..decompositions import get_method, methods
-from ..decompositions.shift import SliceShiftConv
+from ..decompositions import DecomposedConv, get_method, methods
+from .plan import PRUNE, PlanEntry, check_prune_ratio
 from .replace import replace_module
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "shift_blocks",
 ]
 
-PRUNE = "prune"  # the plan method of a pruned shift block
 _CRITERIA = ("norm",)
 _SCOPES = ("group", "global")
 
@@ -80,7 +79,7 @@ def shift_blocks(model: nn.Module) -> list[str]:
 
 def prunable_methods() -> list[str]:
     """Registered methods whose decomposed layer is a shift block (a plan may prune it)."""
-    return [m for m in methods() if issubclass(get_method(m), SliceShiftConv)]
+    return [m for m in methods() if get_method(m).builds_shift_block]
 
 
 def _parts(block: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, Shift, nn.Conv2d]:
@@ -114,11 +113,6 @@ def channel_saliency(block: nn.Module) -> torch.Tensor:
     return score.cpu()
 
 
-def _check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and 0 <= ratio < 1):
-        raise ValueError(f"shift_prune ratio must be a number in [0, 1), got {ratio!r}")
-
-
 def _group_removals(
     sizes: list[int], ranked: list[list[int]], score: list[float], ratio: float
 ) -> list[int]:
@@ -146,7 +140,7 @@ def kept_channels(
         criterion: saliency ranking; ``"norm"`` (see :func:`channel_saliency`).
         scope: ``"group"`` (balanced per direction group) or ``"global"``.
     """
-    _check_ratio(ratio)
+    check_prune_ratio(ratio)
     if criterion not in _CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; valid: {', '.join(_CRITERIA)}")
     if scope not in _SCOPES:
@@ -224,7 +218,7 @@ def _select(block: nn.Module, keep: list[int]) -> nn.Module:
     )
     if bn is not None:
         new.bn = _sliced_bn(bn, idx, first.weight)
-    if isinstance(new, SliceShiftConv):
+    if isinstance(new, DecomposedConv) and new.builds_shift_block:
         new.rank = tuple(sizes)
     return new
 
@@ -271,18 +265,16 @@ def prune_to_sizes(block: nn.Module, group_sizes: Sequence[int]) -> nn.Module:
     return _select(block, sorted(keep))
 
 
-def prune_entry(block: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
-    """``block`` pruned as a plan entry says: ``{"prune": ratio}`` or ``{"rank": sizes}``
-    (other keys: ``"method"`` only)."""
-    extra = set(entry) - {"method", "prune", "rank"}
-    if extra or ("prune" in entry) == ("rank" in entry):
-        raise ValueError(
-            f"a pruning entry needs exactly one of 'prune' (ratio) or 'rank' (group sizes) "
-            f"and no other key, got {dict(entry)!r}"
-        )
-    if "rank" in entry:
-        return prune_to_sizes(block, entry["rank"])
-    return prune_shift_block(block, entry["prune"])
+def prune_entry(block: nn.Module, entry: PlanEntry | Mapping[str, Any]) -> nn.Module:
+    """``block`` pruned as a plan entry says: a pruning entry's ``prune`` ratio or ``rank``
+    (group sizes), or the extra ``prune`` ratio of a layer decomposed into a shift block. A
+    mapping is a pruning entry: ``{"prune": ratio}`` or ``{"rank": sizes}`` (other keys:
+    ``"method"`` only)."""
+    if not isinstance(entry, PlanEntry):
+        entry = PlanEntry.from_dict({**entry, "method": PRUNE})
+    if entry.method == PRUNE and entry.rank is not None:
+        return prune_to_sizes(block, entry.rank)
+    return prune_shift_block(block, entry.prune)
 
 
 def prune_model(
@@ -305,7 +297,7 @@ def prune_model(
         if name not in valid:
             shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "") or "none"
             raise ValueError(f"{name!r} is not a shift block of the model; valid blocks: {shown}")
-        _check_ratio(ratio)
+        check_prune_ratio(ratio)
     new = copy.deepcopy(model)
     for name, ratio in ratios.items():
         block = new.get_submodule(name)

@@ -1,4 +1,5 @@
-"""Layer surgery: decompose one conv, or apply a whole plan to a copy of a model."""
+"""Layer surgery: decompose one conv, or apply a whole plan to a copy of a model (fitted, or
+as an unfitted skeleton of the plan's structure)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from ..decompositions import (
     get_method,
     supporting_methods,
 )
-from .prune import PRUNE, is_shift_block, prunable_methods, prune_entry, shift_blocks
+from ..decompositions.base import Rank, check_rank_request
+from .plan import INITS, KEEP, PRUNE, PlanEntry
+from .prune import is_shift_block, prunable_methods, prune_entry, shift_blocks
 from .replace import replace_module
 
 if TYPE_CHECKING:
@@ -28,10 +31,9 @@ __all__ = [
     "conv_layers",
     "data_init_layers",
     "decompose_conv",
+    "plan_entries",
+    "skeleton",
 ]
-
-KEEP = "keep"
-INITS = ("weight", "data")  # plan entry "init": fit the kernel, or the output on calibration data
 
 
 def decompose_conv(
@@ -65,21 +67,7 @@ def decompose_conv(
     Returns:
         A module whose forward approximates ``conv(x)``, with ``dense_weight()`` and ``macs()``.
     """
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"decompose_conv needs an nn.Conv2d, got {type(conv).__name__}")
-    cls = get_method(method)
-    if (ratio is None) == (rank is None):
-        raise ValueError(
-            f"give exactly one of ratio= or rank= (got ratio={ratio!r}, rank={rank!r})"
-        )
-    spec = ConvSpec.from_conv(conv)
-    reason = cls.unsupported_reason(spec)
-    if reason is not None:
-        valid = ", ".join(supporting_methods(spec)) or "none"
-        raise UnsupportedLayerError(
-            f"method {method!r} cannot decompose this layer: {reason}; methods that can: {valid}"
-        )
-    rank = cls.resolve_rank(spec, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
+    cls, spec, rank = _resolved(conv, method, ratio, rank, rank_multiple)
     if calibration is None:
         module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
     else:
@@ -90,6 +78,24 @@ def decompose_conv(
             )
         module = cls.from_calibration(conv.weight, conv.bias, spec, rank, calibration, **opts)
     return module.to(device=conv.weight.device).train(conv.training)
+
+
+def _resolved(
+    conv: nn.Module, method: str, ratio: float | None, rank: Any, rank_multiple: int
+) -> tuple[type[DecomposedConv], ConvSpec, Rank]:
+    """The method class, spec and checked rank of decomposing ``conv`` (:func:`decompose_conv`)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"decompose_conv needs an nn.Conv2d, got {type(conv).__name__}")
+    cls = get_method(method)
+    check_rank_request(rank, ratio)
+    spec = ConvSpec.from_conv(conv)
+    reason = cls.unsupported_reason(spec)
+    if reason is not None:
+        valid = ", ".join(supporting_methods(spec)) or "none"
+        raise UnsupportedLayerError(
+            f"method {method!r} cannot decompose this layer: {reason}; methods that can: {valid}"
+        )
+    return cls, spec, cls.resolve_rank(spec, rank=rank, ratio=ratio, rank_multiple=rank_multiple)
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -109,27 +115,42 @@ def conv_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def _check_entry(name: str, entry: Any) -> dict[str, Any]:
-    if isinstance(entry, str):
-        entry = {"method": entry}
-    if not isinstance(entry, Mapping) or "method" not in entry:
-        raise ValueError(
-            f"plan entry for {name!r} must be a mapping with a 'method', got {entry!r}"
-        )
-    return dict(entry)
-
-
 def data_init_layers(plan: Mapping[str, Any]) -> list[str]:
     """Layers whose plan entry asks for ``"init": "data"`` (they need calibration statistics)."""
-    return [n for n, e in plan.items() if isinstance(e, Mapping) and e.get("init") == "data"]
+    return [n for n, e in plan.items() if PlanEntry.from_dict(e, n).init == "data"]
+
+
+def plan_entries(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, PlanEntry]:
+    """``plan``'s entries parsed (:meth:`PlanEntry.from_dict`) and checked against ``model``:
+    each names a conv or a shift block, and a shift block is pruned or kept."""
+    if not isinstance(plan, Mapping):
+        raise ValueError(
+            f"plan must be a mapping of layer name -> entry, got {type(plan).__name__}"
+        )
+    modules = dict(model.named_modules())
+    blocks = shift_blocks(model)
+    for name in plan:
+        if name not in blocks and not isinstance(modules.get(name), nn.Conv2d):
+            valid = conv_layers(model) + blocks
+            shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
+            raise ValueError(
+                f"plan names layer {name!r}, not a conv or shift block of the model; "
+                f"valid layers: {shown}"
+            )
+    entries = {name: PlanEntry.from_dict(raw, name) for name, raw in plan.items()}
+    for name, entry in entries.items():
+        if name in blocks and entry.decomposes:
+            raise ValueError(
+                f"layer {name!r} is a shift block: its method must be 'prune' or 'keep', "
+                f"got {entry.method!r}"
+            )
+    return entries
 
 
 def _stats_for(
-    name: str, init: Any, calibration: Mapping[str, InputStats] | None
+    name: str, entry: PlanEntry, calibration: Mapping[str, InputStats] | None
 ) -> InputStats | None:
-    if init not in INITS:
-        raise ValueError(f"layer {name!r}: unknown init {init!r}; valid: {', '.join(INITS)}")
-    if init == "weight":
+    if entry.init != "data":
         return None
     if calibration is None or name not in calibration:
         raise ValueError(
@@ -140,9 +161,13 @@ def _stats_for(
     return calibration[name]
 
 
-def _pruned(name: str, module: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
-    """``module`` pruned by a plan entry (:func:`autodecomp.compress.prune.prune_entry`)."""
+def _on_layer(name: str, err: ValueError) -> ValueError:
+    """``err`` (same type) with its message prefixed by the layer's name."""
+    return type(err)(f"layer {name!r}: {err}")
 
+
+def _pruned(name: str, module: nn.Module, entry: PlanEntry) -> nn.Module:
+    """``module`` pruned by a plan entry (:func:`autodecomp.compress.prune.prune_entry`)."""
     if not is_shift_block(module):
         raise ValueError(
             f"layer {name!r}: pruning needs a shift block, got {type(module).__name__} "
@@ -151,7 +176,34 @@ def _pruned(name: str, module: nn.Module, entry: Mapping[str, Any]) -> nn.Module
     try:
         return prune_entry(module, entry)
     except ValueError as err:
-        raise ValueError(f"layer {name!r}: {err}") from None
+        raise _on_layer(name, err) from None
+
+
+def _decomposed(
+    name: str, conv: nn.Module, entry: PlanEntry, stats: InputStats | None
+) -> nn.Module:
+    """``conv`` decomposed (fitted) as ``entry`` says, then pruned if it says so."""
+    try:
+        layer = decompose_conv(
+            conv,
+            entry.method,
+            ratio=entry.ratio,
+            rank=entry.rank,
+            rank_multiple=entry.rank_multiple or 1,
+            calibration=stats,
+            **entry.options,
+        )
+    except ValueError as err:
+        raise _on_layer(name, err) from None
+    return layer if entry.prune is None else _pruned(name, layer, entry)
+
+
+def _prune_blocks(model: nn.Module, entries: Mapping[str, PlanEntry]) -> None:
+    """Prune ``model``'s planned shift blocks in place (before any layer is decomposed, so
+    a layer inside one sees its pruned shape)."""
+    for name, entry in entries.items():
+        if entry.method == PRUNE:
+            replace_module(model, name, _pruned(name, model.get_submodule(name), entry))
 
 
 def apply_plan(
@@ -171,58 +223,46 @@ def apply_plan(
             pruned by ``{"method": "prune", "prune": p}`` (``p``: fraction of its intermediate
             channels removed) or ``{"method": "prune", "rank": group_sizes}``, before any
             layer is decomposed; a layer decomposed into a shift block (``shift``) is then
-            pruned by an extra ``"prune": p``.
+            pruned by an extra ``"prune": p``. Entries may also be :class:`PlanEntry` values.
         calibration: ``{layer_name: InputStats}`` of the dense model, needed by the entries
             with ``"init": "data"``.
     """
-    if not isinstance(plan, Mapping):
-        raise ValueError(
-            f"plan must be a mapping of layer name -> entry, got {type(plan).__name__}"
-        )
-
-    modules = dict(model.named_modules())
-    blocks = shift_blocks(model)
-    for name in plan:
-        if name not in blocks and not isinstance(modules.get(name), nn.Conv2d):
-            valid = conv_layers(model) + blocks
-            shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
-            raise ValueError(
-                f"plan names layer {name!r}, not a conv or shift block of the model; "
-                f"valid layers: {shown}"
-            )
+    entries = plan_entries(model, plan)
     new = copy.deepcopy(model)
-    entries = {name: _check_entry(name, raw) for name, raw in plan.items()}
-    for name, entry in entries.items():  # blocks first: a layer inside sees its pruned shape
-        if entry["method"] == PRUNE:
-            replace_module(new, name, _pruned(name, new.get_submodule(name), entry))
+    _prune_blocks(new, entries)
     for name, entry in entries.items():
-        method = entry.pop("method")
-        prune = entry.pop("prune", None)
-        if method == PRUNE or (method == KEEP and prune is None):
+        if entry.decomposes:
+            stats = _stats_for(name, entry, calibration)
+            replace_module(new, name, _decomposed(name, new.get_submodule(name), entry, stats))
+    return new
+
+
+def skeleton(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """A copy of ``model`` with ``plan``'s structure and unfitted layers: enough to count its
+    cost, or to load a compressed model's state dict into.
+
+    Each decomposed layer is built empty at its rank (``empty_like``; a ratio resolves to
+    the method's weight-free rank, :meth:`DecomposedConv.resolve_rank`), so nothing is
+    factorised. Shift blocks are pruned as :func:`apply_plan` prunes them (to explicit
+    group sizes, or by a ratio on the channels' saliency), and a layer decomposed then
+    pruned is fitted to its kernel: its pruned structure depends on the weights.
+    """
+    entries = plan_entries(model, plan)
+    new = copy.deepcopy(model)
+    _prune_blocks(new, entries)
+    for name, entry in entries.items():
+        if not entry.decomposes:
             continue
-        if name in blocks:
-            raise ValueError(
-                f"layer {name!r} is a shift block: its method must be 'prune' or 'keep', "
-                f"got {method!r}"
-            )
-        if method == KEEP:
-            raise ValueError(f"layer {name!r}: 'prune' needs a decomposition method, not 'keep'")
-        ratio, rank = entry.pop("ratio", None), entry.pop("rank", None)
-        multiple = entry.pop("rank_multiple", 1)
-        stats = _stats_for(name, entry.pop("init", "weight"), calibration)
-        try:
-            layer = decompose_conv(
-                new.get_submodule(name),
-                method,
-                ratio=ratio,
-                rank=rank,
-                rank_multiple=multiple,
-                calibration=stats,
-                **entry,
-            )
-        except ValueError as err:
-            raise type(err)(f"layer {name!r}: {err}") from None
-        if prune is not None:
-            layer = _pruned(name, layer, {"prune": prune})
+        conv = new.get_submodule(name)
+        if entry.prune is not None:
+            layer = _decomposed(name, conv, entry, None)
+        else:
+            try:
+                cls, spec, rank = _resolved(
+                    conv, entry.method, entry.ratio, entry.rank, entry.rank_multiple or 1
+                )
+            except ValueError as err:
+                raise _on_layer(name, err) from None
+            layer = cls.empty_like(spec, rank, conv.weight)
         replace_module(new, name, layer)
     return new

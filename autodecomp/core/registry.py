@@ -55,6 +55,10 @@ class Registry(Generic[T]):
         """``(name, entry)`` pairs sorted by name."""
         return sorted(self._entries.items())
 
+    def in_order(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` pairs in the order they were registered."""
+        return list(self._entries.items())
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

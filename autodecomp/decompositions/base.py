@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UnsupportedLayerError
+from ..core.registry import Registry
 from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import balance_norms, refine_output_fit, unwhiten_rows, whiten_input
@@ -23,6 +24,9 @@ __all__ = [
     "DATA_DAMPING",
     "REFINE_STEPS",
     "DecomposedConv",
+    "check_rank_multiple",
+    "check_rank_request",
+    "check_ratio",
     "get_method",
     "methods",
     "register",
@@ -33,6 +37,26 @@ Rank = Any  # each method documents its own rank spec (int, tuple, ...), always 
 
 DATA_DAMPING = 1e-2  # data-aware fits use Σ + DATA_DAMPING * mean(diag Σ) * I
 REFINE_STEPS = 50  # L-BFGS iterations of the output-error refinement
+
+
+def check_ratio(ratio: Any) -> None:
+    """A target ratio of the dense parameters must be a finite number > 0."""
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+
+
+def check_rank_multiple(multiple: Any) -> None:
+    """A rank multiple (:meth:`DecomposedConv.align_rank`) must be an integer >= 1."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"rank_multiple must be an integer >= 1, got {multiple!r}")
+
+
+def check_rank_request(rank: Any, ratio: Any) -> None:
+    """A layer is given exactly one of an explicit rank and a target ratio."""
+    if (ratio is None) == (rank is None):
+        raise ValueError(
+            f"give exactly one of ratio= or rank= (got ratio={ratio!r}, rank={rank!r})"
+        )
 
 
 class DecomposedConv(nn.Module, ABC):
@@ -48,6 +72,12 @@ class DecomposedConv(nn.Module, ABC):
     input_stage: ClassVar[str | None] = None
     """The 1x1 submodule that reads the input channels first, if the method has one: an
     input-channel map is then absorbed into its weight (see :meth:`whitened_init`)."""
+    builds_shift_block: ClassVar[bool] = False
+    """Whether the decomposed layer is a shift block (``first`` 1x1, ``shift``, ``last``
+    1x1) that :mod:`autodecomp.compress.prune` can prune."""
+    supports_data_init: ClassVar[bool] = True
+    """Whether the method fits a layer's output on calibration inputs
+    (:meth:`from_calibration`); see :meth:`data_init_reason`."""
 
     def __init__(self, spec: ConvSpec, rank: Rank) -> None:
         super().__init__()
@@ -66,6 +96,17 @@ class DecomposedConv(nn.Module, ABC):
         return None
 
     @classmethod
+    def data_init_reason(cls, spec: ConvSpec) -> str | None:
+        """Why this method cannot fit ``spec``'s output on calibration inputs (``"init":
+        "data"``), or ``None`` when it can: input statistics are collected of plain
+        zero-padded convs only."""
+        if not cls.supports_data_init:
+            return f"method {cls.name!r} has no data-aware initialisation"
+        if spec.groups != 1 or spec.padding_mode != "zeros":
+            return "only groups=1 convs with zero padding are supported"
+        return None
+
+    @classmethod
     @abstractmethod
     def normalize_rank(cls, spec: ConvSpec, rank: Rank) -> Rank:
         """Validate an explicit rank spec and return it in canonical form (raises ValueError)."""
@@ -81,18 +122,23 @@ class DecomposedConv(nn.Module, ABC):
         """Valid ranks along the method's default path, in non-decreasing parameter count."""
 
     @classmethod
-    def rank_for_ratio(cls, spec: ConvSpec, ratio: float, rank_multiple: int = 1) -> Rank:
-        """Largest rank on the default path whose parameters are <= ``ratio`` x dense, its
-        channel widths then rounded down to ``rank_multiple`` (:meth:`align_rank`)."""
-        if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
-            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+    def rank_within(cls, spec: ConvSpec, ratio: float, ranks: Iterable[Rank]) -> Rank | None:
+        """The last of ``ranks`` (listed in non-decreasing parameter count) whose parameters
+        are <= ``ratio`` x dense, else the first; ``None`` when ``ranks`` is empty."""
         budget = ratio * spec.dense_params()
         chosen = None
-        for rank in cls.rank_candidates(spec):
-            if chosen is None or cls.param_count(spec, rank) <= budget:
-                chosen = rank
-            else:
+        for rank in ranks:
+            if chosen is not None and cls.param_count(spec, rank) > budget:
                 break
+            chosen = rank
+        return chosen
+
+    @classmethod
+    def rank_for_ratio(cls, spec: ConvSpec, ratio: float, rank_multiple: int = 1) -> Rank:
+        """Largest rank on the default path within ``ratio`` (:meth:`rank_within`), its
+        channel widths then rounded down to ``rank_multiple`` (:meth:`align_rank`)."""
+        check_ratio(ratio)
+        chosen = cls.rank_within(spec, ratio, cls.rank_candidates(spec))
         if chosen is None:
             raise UnsupportedLayerError(f"method {cls.name!r} has no valid rank for {spec}")
         return cls.align_rank(spec, chosen, rank_multiple)
@@ -117,8 +163,7 @@ class DecomposedConv(nn.Module, ABC):
         CPU convolution kernels work on channels in vectors of 8 floats: a 25->25 3x3 conv
         costs about as much as a 32->32 one (``bench/latency.py --rank-multiple``).
         """
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise ValueError(f"rank_multiple must be an integer >= 1, got {multiple!r}")
+        check_rank_multiple(multiple)
         return rank if multiple == 1 else cls._aligned(spec, rank, multiple)
 
     @classmethod
@@ -279,7 +324,7 @@ class DecomposedConv(nn.Module, ABC):
         )
 
 
-_REGISTRY: dict[str, type[DecomposedConv]] = {}
+_METHODS: Registry[type[DecomposedConv]] = Registry("decomposition method")
 
 
 def round_down_width(width: int, multiple: int) -> int:
@@ -291,12 +336,10 @@ def register(name: str) -> Callable[[type[DecomposedConv]], type[DecomposedConv]
     """Class decorator that registers a method under ``name`` (duplicates raise)."""
 
     def decorate(cls: type[DecomposedConv]) -> type[DecomposedConv]:
-        if name in _REGISTRY:
-            raise ValueError(f"decomposition method {name!r} is already registered")
         if not (isinstance(cls, type) and issubclass(cls, DecomposedConv)):
             raise TypeError(f"{cls!r} is not a DecomposedConv subclass")
+        _METHODS.add(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -304,19 +347,14 @@ def register(name: str) -> Callable[[type[DecomposedConv]], type[DecomposedConv]
 
 def methods() -> list[str]:
     """Registered method names, sorted."""
-    return sorted(_REGISTRY)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> type[DecomposedConv]:
     """The method class registered under ``name``; unknown names list the valid ones."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown decomposition method {name!r}; valid methods: {', '.join(methods())}"
-        ) from None
+    return _METHODS.get(name)
 
 
 def supporting_methods(spec: ConvSpec) -> list[str]:
     """Methods that can serve a layer of this geometry."""
-    return [n for n in methods() if _REGISTRY[n].unsupported_reason(spec) is None]
+    return [n for n, cls in _METHODS.items() if cls.unsupported_reason(spec) is None]

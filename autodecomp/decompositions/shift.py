@@ -74,6 +74,7 @@ class SliceShiftConv(DecomposedConv):
         'or {"channels": R}: R channels to the largest singular values of all slices'
     )
     input_stage = "first"
+    builds_shift_block = True
 
     def __init__(self, spec: ConvSpec, rank: Any) -> None:
         ranks = _even(spec, rank["channels"]) if isinstance(rank, dict) else tuple(rank)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..compress.prune import PRUNE
+from ..compress.plan import PRUNE, PlanEntry
 from ..decompositions import DecomposedConv
 from .cost import count_macs, count_params
 
@@ -83,20 +84,21 @@ class PlanCost:
         return self._cache[key]
 
     def __call__(
-        self, compressed: nn.Module, plan: dict[str, Any]
+        self, compressed: nn.Module, plan: Mapping[str, Any]
     ) -> tuple[int, int, dict[str, dict[str, Any]]]:
         """``(macs, params, per-layer records)`` of ``compressed = apply_plan(model, plan)``."""
         macs, layers = self.macs, {}
-        for name, entry in plan.items():
+        for name, raw in plan.items():
+            entry = PlanEntry.from_dict(raw, name)
             module = compressed.get_submodule(name)
-            rank = _final_rank(module, entry["method"])
-            layer_macs = self._layer_macs(name, module, entry["method"], rank)
+            rank = _final_rank(module, entry.method)
+            layer_macs = self._layer_macs(name, module, entry.method, rank)
             macs += layer_macs - self._dense[name]
             layers[name] = {
-                "method": entry["method"],
+                "method": entry.method,
                 "rank": rank,
-                "ratio": entry.get("ratio"),
-                "prune": entry.get("prune"),
+                "ratio": entry.ratio,
+                "prune": entry.prune,
                 "rel_error": 0.0,
                 "macs": layer_macs,
                 "params": count_params(module),

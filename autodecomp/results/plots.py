@@ -9,7 +9,7 @@ Every plot is written even when nothing is on the front yet (it then says so).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from ..measure.objectives import ObjectiveSpec, objective
 
 __all__ = [
     "plot_front",
@@ -28,6 +30,8 @@ __all__ = [
 
 _DPI = 120
 _KEEP_COLOUR = "#d9d9d9"
+_X, _Y = "macs", "accuracy"  # the axes of the static front (every trial records both)
+_MAX_AXES = 3  # what an interactive Pareto-front plot can show
 
 
 def _empty(ax: Any, text: str) -> None:
@@ -43,26 +47,28 @@ def plot_front(
 ) -> Path:
     """Accuracy vs MACs: usable trials in grey, the front as a staircase, the baseline a star.
 
+    The axes are labelled by their registry entries (:mod:`autodecomp.measure.objectives`).
+
     Args:
         trials: rows of COMPLETE, feasible, trained trials (``accuracy``, ``macs``).
-        front: :func:`autodecomp.results.report.front_frame`.
+        front: :func:`autodecomp.results.front.front_frame`.
         baseline: ``accuracy``, ``macs``.
         limits: absolute budgets (``macs`` drawn as a dashed line when present).
         path: the PNG to write.
     """
     fig = Figure(figsize=(7, 4.5), dpi=_DPI)
     ax = fig.subplots()
-    scale = 1e6 if baseline["macs"] >= 1e6 else 1e3
+    scale = 1e6 if baseline[_X] >= 1e6 else 1e3
     unit = "M" if scale == 1e6 else "k"
     if len(trials):
-        ax.scatter(trials["macs"] / scale, trials["accuracy"], s=14, c="#b0b0b0", label="trials")
+        ax.scatter(trials[_X] / scale, trials[_Y], s=14, c="#b0b0b0", label="trials")
     if len(front):
-        ax.step(front["macs"] / scale, front["accuracy"], where="post", c="#1f77b4", lw=1)
-        ax.scatter(front["macs"] / scale, front["accuracy"], s=28, c="#1f77b4", label="front")
+        ax.step(front[_X] / scale, front[_Y], where="post", c="#1f77b4", lw=1)
+        ax.scatter(front[_X] / scale, front[_Y], s=28, c="#1f77b4", label="front")
         for _, row in front.iterrows():
             ax.annotate(
                 f"#{int(row['number'])}",
-                (row["macs"] / scale, row["accuracy"]),
+                (row[_X] / scale, row[_Y]),
                 textcoords="offset points",
                 xytext=(4, -10),
                 fontsize=7,
@@ -70,13 +76,13 @@ def plot_front(
     else:
         _empty(ax, "no feasible completed trial yet")
     ax.scatter(
-        [baseline["macs"] / scale], [baseline["accuracy"]], marker="*", s=120, c="#d62728",
+        [baseline[_X] / scale], [baseline[_Y]], marker="*", s=120, c="#d62728",
         label="baseline",
     )  # fmt: skip
-    if "macs" in limits:
-        ax.axvline(limits["macs"] / scale, ls="--", c="#7f7f7f", lw=1, label="MAC budget")
-    ax.set_xlabel(f"MACs ({unit})")
-    ax.set_ylabel("validation accuracy (search proxy)")
+    if _X in limits:
+        ax.axvline(limits[_X] / scale, ls="--", c="#7f7f7f", lw=1, label="MAC budget")
+    ax.set_xlabel(f"{objective(_X).label} ({unit})")
+    ax.set_ylabel(objective(_Y).label)
     ax.set_title("Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -119,7 +125,7 @@ def plot_method_map(
     """Rows: front trials by MACs; columns: layers; colour: method; text: the drawn ratio.
 
     Args:
-        front: :func:`~autodecomp.results.report.front_frame` (``number``, ``accuracy``,
+        front: :func:`~autodecomp.results.front.front_frame` (``number``, ``accuracy``,
             ``macs_ratio``).
         plans: trial number -> the trial's per-layer records (user attribute ``layers``;
             the text is the plan's ratio, or the rank when the space gave explicit ranks).
@@ -179,9 +185,22 @@ def _palette(n: int) -> list[str]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_front_html(study: optuna.Study, names: list[str], path: Path) -> Path:
-    """Optuna's interactive Pareto-front plot (infeasible trials greyed), plotly embedded."""
-    labels = {"accuracy": "accuracy", "macs": "MACs", "params": "parameters"}
-    figure = optuna.visualization.plot_pareto_front(study, target_names=[labels[n] for n in names])
+def plot_front_html(study: optuna.Study, objectives: Sequence[ObjectiveSpec], path: Path) -> Path:
+    """Optuna's interactive Pareto-front plot (infeasible trials greyed), plotly embedded.
+
+    Args:
+        study: the study; its values are ``objectives``, in this order.
+        objectives: the study's objectives (axis titles: their registry ``title``); a plot
+            shows three at most, the first three.
+        path: the HTML file to write.
+    """
+    titles = [spec.title for spec in objectives][:_MAX_AXES]
+    targets = None
+    if len(objectives) > _MAX_AXES:
+
+        def targets(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+            return trial.values[:_MAX_AXES]
+
+    figure = optuna.visualization.plot_pareto_front(study, targets=targets, target_names=titles)
     figure.write_html(str(path), include_plotlyjs=True, full_html=True)
     return path

@@ -20,6 +20,9 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
+from ..measure.objectives import OBJECTIVES, objective
+from .study_view import value_names
+
 __all__ = ["PROXIES", "kendall_frame", "proxy_correlation_frame", "proxy_frame", "pruning_frame"]
 
 # proxy column -> (label, sign): the score is sign * value, so that higher is better.
@@ -41,8 +44,9 @@ _STAGES = {
 def proxy_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial: number, state, final accuracy (trained COMPLETE trials
     only), every proxy it recorded, ``over_budget``, ``pruned_at`` and total seconds."""
-    names = (study.user_attrs.get("config") or {}).get("objectives") or ["accuracy"]
-    index = names.index("accuracy") if "accuracy" in names else 0
+    names = value_names(study)
+    maximised = [i for i, n in enumerate(names) if n in OBJECTIVES and not objective(n).is_cost]
+    index = maximised[0] if maximised else 0  # a study without config: its first value
     rows = []
     for trial in study.get_trials(deepcopy=False):
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):

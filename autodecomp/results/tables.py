@@ -17,8 +17,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,22 @@ import pandas as pd
 from ..compress.plan import plan_summary
 from ..config import StudyConfig
 from ..core.files import atomic_write
+from ..measure.objectives import registered
 from ..search.study import COUNTED
+from .study_view import value_names
 
 __all__ = [
     "PROXY_ATTRS",
+    "SEARCH_FRONT",
+    "format_cell",
     "format_front",
-    "latency_columns",
     "layers_frame",
+    "measured_columns",
+    "missing",
     "pareto_frame",
     "summarise_search",
     "trials_frame",
+    "with_measured",
     "write_tables",
 ]
 
@@ -51,14 +58,6 @@ PROXY_ATTRS = (
 )
 
 
-def _objective_names(study: optuna.Study) -> list[str]:
-    config = study.user_attrs.get("config") or {}
-    names = config.get("objectives")
-    if names and len(names) == len(study.directions):
-        return list(names)
-    return [f"value_{i}" for i in range(len(study.directions))]
-
-
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | tuple | dict) else value
 
@@ -67,11 +66,8 @@ def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
     attrs = trial.user_attrs
     row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
     values = dict(zip(names, trial.values or [None] * len(names), strict=True))
-    row["accuracy"] = values.get("accuracy")
-    row["macs"] = attrs.get("macs")
-    row["params"] = attrs.get("params")
-    for kind, ms in (attrs.get("latency_ms") or {}).items():
-        row[f"latency_{kind}_ms"] = ms
+    for spec in registered():
+        row |= spec.cells(values, attrs)
     constraints = trial.constraints
     for key, value in sorted(constraints.items()):
         row[f"constraint_{key}"] = value
@@ -96,7 +92,7 @@ def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial (all states), ordered by trial number."""
-    names = _objective_names(study)
+    names = value_names(study)
     rows = [_row(t, names) for t in study.get_trials(deepcopy=False)]
     frame = pd.DataFrame(rows)
     return frame.sort_values("number", ignore_index=True) if rows else frame
@@ -129,7 +125,7 @@ def layers_frame(study: optuna.Study) -> pd.DataFrame:
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The feasible Pareto front (``study.best_trials``) sorted by MACs, with plans as JSON."""
-    names = _objective_names(study)
+    names = value_names(study)
     best = study.best_trials
     rows = []
     for trial in best:
@@ -162,34 +158,78 @@ def write_tables(study: optuna.Study, folder: str | os.PathLike[str]) -> dict[st
     return paths
 
 
-def format_front(front: pd.DataFrame) -> str:
-    """The Pareto front as a fixed-width text table."""
+def missing(value: Any) -> bool:
+    """``None`` or NaN: a cell with no value."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_cell(value: Any, spec: str | None) -> str:
+    """``value`` formatted by ``spec`` (``",.0f"``; ``""`` or ``None``: as text), ``"-"`` when
+    missing."""
+    if missing(value):
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def measured_columns(frame: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """The per-device columns of a trials / front table (``latency_cpu_ms``) as
+    ``{column: (header, format spec)}``, from the objectives measured per device."""
+    columns = list(frame.columns)
+    return {
+        column: (spec.header(column), f".{spec.decimals}f")
+        for spec in registered()
+        for column in spec.measured_columns(columns)
+    }
+
+
+def with_measured(
+    front: pd.DataFrame, columns: Mapping[str, tuple[str, str | None]], after: str
+) -> dict[str, tuple[str, str | None]]:
+    """``columns`` (``{column: (header, format spec)}``) with the front's measured columns
+    (:func:`measured_columns`) inserted after column ``after``."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for key, value in columns.items():
+        out[key] = value
+        if key == after:
+            out |= measured_columns(front)
+    return out
+
+
+# What a search prints of its front (a report shows more: autodecomp.results.front).
+SEARCH_FRONT: dict[str, tuple[str, str | None]] = {
+    "number": ("trial", None),
+    "accuracy": ("accuracy", ".4f"),
+    "pre_ft_accuracy": ("pre-ft", ".4f"),
+    "macs": ("MACs", ",.0f"),
+    "macs_ratio": ("MACs x", ".3f"),
+    "params": ("params", ",.0f"),
+    "params_ratio": ("params x", ".3f"),
+    "methods": ("methods", ""),
+}
+
+
+def format_front(
+    front: pd.DataFrame, columns: Mapping[str, tuple[str, str | None]] | None = None
+) -> str:
+    """The Pareto front as a fixed-width text table.
+
+    Args:
+        front: a front table (:func:`pareto_frame` or :func:`~.front.front_frame`).
+        columns: ``{column: (header, format spec)}`` to show (spec ``None``: the stored
+            values, aligned as pandas aligns them); default :data:`SEARCH_FRONT` with the
+            measured columns after the parameters.
+    """
     if front.empty:
         return "(no feasible completed trial yet)"
+    if columns is None:
+        columns = with_measured(front, SEARCH_FRONT, after="params_ratio")
     shown = pd.DataFrame(
         {
-            "trial": front["number"],
-            "accuracy": front["accuracy"].map("{:.4f}".format) if "accuracy" in front else None,
-            "pre-ft": front["pre_ft_accuracy"].map(
-                lambda v: "-" if v is None or pd.isna(v) else f"{v:.4f}"
-            ),
-            "MACs": front["macs"].map(lambda v: f"{int(v):,}"),
-            "MACs x": front["macs_ratio"].map("{:.3f}".format),
-            "params": front["params"].map(lambda v: f"{int(v):,}"),
-            "params x": front["params_ratio"].map("{:.3f}".format),
+            header: front[column] if spec is None else [format_cell(v, spec) for v in front[column]]
+            for column, (header, spec) in columns.items()
         }
     )
-    for column in latency_columns(front):
-        shown[column.replace("_ms", " ms").replace("_", " ")] = front[column].map(
-            lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}"
-        )
-    shown["methods"] = front["methods"]
     return shown.to_string(index=False)
-
-
-def latency_columns(frame: pd.DataFrame) -> list[str]:
-    """The measured-latency columns of a trials / front table (``latency_<device>_ms``)."""
-    return [c for c in frame.columns if c.startswith("latency_") and c.endswith("_ms")]
 
 
 def summarise_search(

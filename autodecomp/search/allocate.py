@@ -25,7 +25,6 @@ ladder also holds single-method uniform plans (:func:`uniform_plans`), one track
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -39,10 +38,8 @@ import optuna
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from torch import nn
 
-from ..compress.replace import replace_module
-from ..compress.surgery import apply_plan
+from ..compress.surgery import apply_plan, skeleton
 from ..config import StudyConfig
-from ..decompositions import get_method, methods
 from ..measure.cost import count_params
 from ..measure.plan_cost import PlanCost
 from ..workload.data import DataSplits
@@ -209,30 +206,6 @@ def _spread(totals: list[int], count: int, log: bool = False) -> list[int]:
     return sorted(picked)
 
 
-def _skeleton(model: nn.Module, space: SearchSpace, plan: Mapping[str, Any]) -> nn.Module:
-    """``plan``'s compressed structure with unfitted factors: enough to count its cost.
-
-    Entries other than a plain registered method (e.g. shift pruning) are applied for real.
-    """
-    plain = set(methods()) | {KEEP}
-    if any(e["method"] not in plain or e.get("prune") for e in plan.values()):
-        return apply_plan(model, dict(plan))
-    skeleton = copy.deepcopy(model)
-    specs = {layer.name: layer.spec for layer in space.layers}
-    for name, entry in plan.items():
-        if entry["method"] == KEEP:
-            continue
-        cls = get_method(entry["method"])
-        rank = cls.resolve_rank(
-            specs[name],
-            rank=entry.get("rank"),
-            ratio=entry.get("ratio"),
-            rank_multiple=entry.get("rank_multiple", 1),
-        )
-        replace_module(skeleton, name, cls(specs[name], rank))
-    return skeleton
-
-
 def uniform_plans(
     model: nn.Module,
     space: SearchSpace,
@@ -243,12 +216,13 @@ def uniform_plans(
     """The distinct uniform plans of ``method`` within ``limits`` (``"macs"`` /
     ``"params"``), cheapest first: every layer offering it at one ratio (others dense),
     ``UNIFORM_CANDIDATES`` ratios over the layers' range, one plan per distinct set of
-    ranks. MACs are fvcore's counts, taken on unfitted layers (nothing is factorised)."""
+    ranks. MACs are fvcore's counts, taken on the plan's unfitted
+    :func:`~autodecomp.compress.surgery.skeleton` (nothing is factorised)."""
     found: dict[str, Rung] = {}
     for ratio in _grid_ratios(space, UNIFORM_CANDIDATES):
         params = uniform_params(space, method, ratio)
         plan = suggest_plan(FixedTrial(params), space)
-        macs, params_count, records = cost(_skeleton(model, space, plan), plan)
+        macs, params_count, records = cost(skeleton(model, plan), plan)
         totals = {"macs": macs, "params": params_count}
         if any(totals[k] > limit for k, limit in limits.items() if k in totals):
             continue

@@ -48,6 +48,7 @@ from ..measure.latency import LatencyMeter, structure_key
 from ..measure.plan_cost import PlanCost
 from ..workload import train
 from ..workload.data import DataSplits, make_loader
+from ..workload.proxy import proxy_finetune
 from .baseline import Baseline
 from .proxies import Calibration, calibration_batch, kernel_errors, mean_error
 from .space import SearchSpace, data_init_supported, suggest_plan
@@ -119,18 +120,8 @@ class Objective:
         self._latency_study: str | None = None  # the study whose stored latencies are cached
         self.input_stats: dict[str, InputStats] | None = None
         if space.init == "data":
-            names = [layer.name for layer in space.layers if data_init_supported(layer.spec)]
+            names = [layer.name for layer in space.layers if data_init_supported(layer)]
             self.input_stats = data_init_stats(cfg, baseline.model, splits, names)
-
-    def _train_loader(self, seed: int):
-        return make_loader(
-            self.splits.train,
-            batch_size=self.cfg.proxy.batch_size,
-            shuffle=True,
-            seed=seed,
-            num_workers=self.cfg.data.num_workers,
-            drop_last=len(self.splits.train) > self.cfg.proxy.batch_size,
-        )
 
     def _values(self, accuracy: float, cost: dict[str, float]) -> tuple[float, ...]:
         named = {"accuracy": float(accuracy), **{k: float(v) for k, v in cost.items()}}
@@ -228,38 +219,23 @@ class Objective:
         return scores
 
     def _finetune(self, trial: optuna.Trial, model: nn.Module, clock: _Clock) -> float:
-        """BatchNorm recalibration, pre-fine-tune accuracy, distillation, final accuracy."""
-        cfg, device, p = self.cfg, self.cfg.device, self.cfg.proxy
-        train.set_seed(cfg.seed + trial.number)
-        if p.bn_batches > 0:
-            with clock("bn_recal"):
-                train.recalibrate_bn(
-                    model,
-                    self._train_loader(cfg.seed + trial.number),
-                    batches=p.bn_batches,
-                    device=device,
-                )
-        with clock("pre_eval"):
-            pre = train.evaluate(model, self.val_loader, device=device)
-        trial.set_user_attr("pre_ft_accuracy", pre)
-        if p.steps == 0:
-            return pre
-        with clock("distill"):
-            train.distill(
-                model,
-                self.baseline.model,
-                self._train_loader(cfg.seed + trial.number + 1),
-                steps=p.steps,
-                lr=p.lr,
-                temperature=p.temperature,
-                alpha=p.alpha,
-                weight_decay=p.weight_decay,
-                device=device,
-                warmup_steps=p.warmup,
-                callback=self._callback(trial, model, clock),
-            )
-        with clock("eval"):
-            return train.evaluate(model, self.val_loader, device=device)
+        """The proxy fine-tune (:func:`~autodecomp.workload.proxy.proxy_finetune`), timed by
+        ``clock``, with the floor callback; records ``pre_ft_accuracy``."""
+        result = proxy_finetune(
+            model,
+            self.baseline.model,
+            self.splits.train,
+            self.val_loader,
+            self.cfg.proxy,
+            seed=self.cfg.seed,
+            number=trial.number,
+            device=self.cfg.device,
+            num_workers=self.cfg.data.num_workers,
+            callback=self._callback(trial, model, clock),
+            phase=clock,
+            on_pre_eval=lambda accuracy: trial.set_user_attr("pre_ft_accuracy", accuracy),
+        )
+        return result.accuracy
 
     @staticmethod
     def _prune(trial: optuna.Trial, stage: str, reason: str) -> None:

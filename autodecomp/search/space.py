@@ -28,8 +28,9 @@ from typing import Any
 import optuna
 from torch import nn
 
-from ..compress.prune import PRUNE, prunable_methods, shift_blocks
-from ..compress.surgery import KEEP, conv_layers
+from ..compress.plan import KEEP, PRUNE, PlanEntry
+from ..compress.prune import prunable_methods, shift_blocks
+from ..compress.surgery import conv_layers
 from ..config import RatioRange, SpaceConfig
 from ..core.errors import ConfigError
 from ..decompositions import ConvSpec, get_method, supporting_methods
@@ -214,32 +215,32 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
     plan: dict[str, dict[str, Any]] = {}
     for layer in space.layers:
         method = trial.suggest_categorical(f"{layer.name}/method", list(layer.choices))
-        if method == KEEP:
-            plan[layer.name] = {"method": KEEP}
-        elif method in layer.ranks:
+        fields: dict[str, Any] = {}
+        if method in layer.ranks:
             code = trial.suggest_categorical(
                 f"{layer.name}/{method}/rank", list(layer.ranks[method])
             )
-            plan[layer.name] = {"method": method, "rank": _decode(code)}
-        else:
-            ratio = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
-            plan[layer.name] = {"method": method, "ratio": ratio}
+            fields["rank"] = _decode(code)
+        elif method != KEEP:
+            fields["ratio"] = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
             if layer.rank_multiple > 1:
-                plan[layer.name]["rank_multiple"] = layer.rank_multiple
+                fields["rank_multiple"] = layer.rank_multiple
         if method in layer.prunable:
-            prune = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
-            plan[layer.name]["prune"] = prune
-        if method != KEEP and space.init == "data" and data_init_supported(layer.spec):
-            plan[layer.name]["init"] = "data"
+            fields["prune"] = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
+        if space.init == "data" and data_init_supported(layer, method):
+            fields["init"] = "data"
+        plan[layer.name] = PlanEntry(method, **fields).to_dict()
     for block in space.blocks:
         prune = _suggest_ratio(trial, f"{block.name}/shift_prune", block.prune)
-        plan[block.name] = {"method": PRUNE, "prune": prune}
+        plan[block.name] = PlanEntry(PRUNE, prune=prune).to_dict()
     return plan
 
 
-def data_init_supported(spec: ConvSpec) -> bool:
-    """Whether a layer's input statistics can be collected (plain zero-padded convs)."""
-    return spec.groups == 1 and spec.padding_mode == "zeros"
+def data_init_supported(layer: LayerSpace, method: str | None = None) -> bool:
+    """Whether ``method`` (default: any method ``layer`` offers) can fit the layer's output on
+    calibration inputs (:meth:`~autodecomp.decompositions.DecomposedConv.data_init_reason`)."""
+    offered = [m for m in layer.choices if m != KEEP] if method is None else [method]
+    return any(m != KEEP and get_method(m).data_init_reason(layer.spec) is None for m in offered)
 
 
 def _snap(ratio: float, r: RatioRange) -> float:
@@ -249,15 +250,15 @@ def _snap(ratio: float, r: RatioRange) -> float:
 
 
 def _nearest_rank(layer: LayerSpace, method: str, ratio: float) -> RankCode:
-    """The largest listed rank within ``ratio`` of the dense parameters (else the smallest)."""
-    cls = get_method(method)
-    sized = sorted(
-        (cls.param_count(layer.spec, cls.normalize_rank(layer.spec, _decode(c))), c)
-        for c in layer.ranks[method]
+    """The largest listed rank within ``ratio`` of the dense parameters (else the smallest):
+    :meth:`~autodecomp.decompositions.DecomposedConv.rank_within` over the listed ranks."""
+    cls, spec = get_method(method), layer.spec
+    pairs = sorted(
+        ((cls.normalize_rank(spec, _decode(c)), c) for c in layer.ranks[method]),
+        key=lambda pair: (cls.param_count(spec, pair[0]), pair[1]),
     )
-    budget = ratio * layer.spec.dense_params()
-    within = [c for p, c in sized if p <= budget]
-    return within[-1] if within else sized[0][1]
+    chosen = cls.rank_within(spec, ratio, [rank for rank, _ in pairs])
+    return next(code for rank, code in pairs if rank is chosen)
 
 
 def layer_params(layer: LayerSpace, method: str, ratio: float | None = None) -> dict[str, Any]:

@@ -54,7 +54,9 @@ __all__ = [
     "grpc_address",
     "journal_path",
     "open_storage",
+    "open_storage_readonly",
     "shown",
+    "storage_folder",
     "trial_start_lock",
 ]
 
@@ -132,6 +134,60 @@ def _local_file(url: str) -> Path | None:
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return Path(parsed.database).expanduser()
     return None
+
+
+def storage_folder(storage: str) -> Path | None:
+    """The folder of a file storage (a journal or SQLite URL, or a file path), else ``None``."""
+    journal = journal_path(storage)
+    if journal is not None:
+        return journal.resolve().parent
+    if "://" not in storage:
+        return Path(storage).expanduser().resolve().parent
+    path = _local_file(storage)
+    return None if path is None else path.parent
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
+
+
+def open_storage_readonly(storage: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage opened for reading: nothing is created or written.
+
+    Args:
+        storage: a database URL (``sqlite:///...``, ``postgresql://...``), a journal URL
+            (``journal:///...``) or a file path: a SQLite database, or else an Optuna
+            journal file (``JournalFileBackend``).
+
+    Raises:
+        ConfigError: a missing file or database, or a storage that cannot be opened.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    journal = journal_path(storage)
+    if journal is not None:
+        if not journal.is_file():
+            raise ConfigError(f"storage {storage!r}: no journal file (has the study been created?)")
+        storage = str(journal)
+    if "://" not in storage:
+        path = Path(storage).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"storage {storage!r}: no such file (give a database URL, a SQLite file or an "
+                "Optuna journal file)"
+            )
+        if not _is_sqlite(path):
+            return JournalStorage(JournalFileBackend(str(path)))
+        storage = f"sqlite:///{path.resolve()}"
+    local = _local_file(storage)
+    if local is not None and not local.is_file():
+        raise ConfigError(f"storage {storage!r}: no database file (has the search run?)")
+    try:
+        return optuna.storages.RDBStorage(storage, skip_table_creation=True)
+    except (SQLAlchemyError, ImportError, OSError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot open storage {shown(storage)}: {first}") from None
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

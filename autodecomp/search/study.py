@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from ..compress.plan import plan_summary
-from ..config import SamplerConfig, StudyConfig, config_from_dict
+from ..config import SAMPLERS, SamplerConfig, StudyConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..factorize import default_cache
 from ..workload.data import DataSplits, load_data
@@ -43,7 +43,6 @@ from .storage import check_storage, open_storage
 
 __all__ = [
     "COUNTED",
-    "SAMPLER_CLASSES",
     "Prepared",
     "SearchResult",
     "check_same_config",
@@ -62,12 +61,6 @@ __all__ = [
 ]
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-    "random": optuna.samplers.RandomSampler,
-    "gp": optuna.samplers.GPSampler,
-}
 # Config keys that may differ between the stored study and a resuming run.
 _HARMLESS = {"trials", "storage", "device", "threads", "space.source"}
 
@@ -83,7 +76,7 @@ def make_sampler(
     parallel workers see each other's running trials) defaults to ``parallel``: off for
     one process, where it would only cost time.
     """
-    cls = SAMPLER_CLASSES[cfg.name]
+    cls = SAMPLERS.get(cfg.name)
     valid = [p for p in inspect.signature(cls).parameters if p not in ("seed", "constraints_func")]
     for key in cfg.options:
         if key not in valid:

@@ -13,33 +13,29 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+import torchvision
 from torch import nn
 
-__all__ = ["get_model", "model_names", "register_model"]
+from ...core.registry import Registry
+from ._torchvision import build_torchvision
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["MODELS", "get_model", "model_names", "register_model"]
+
+Builder = Callable[..., nn.Module]
+MODELS: Registry[Builder] = Registry("model")
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str) -> Callable[[Builder], Builder]:
     """Decorator registering ``fn(*, num_classes, in_channels, **kwargs) -> nn.Module``."""
-
-    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} is already registered")
-        _BUILDERS[name] = fn
-        return fn
-
-    return decorate
+    return MODELS.register(name)
 
 
 def model_names() -> list[str]:
     """Names of the built-in models (torchvision names and import paths also work)."""
-    return sorted(_BUILDERS)
+    return MODELS.names()
 
 
 def _torchvision_names() -> list[str]:
-    import torchvision
-
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -55,8 +51,8 @@ def get_model(
         in_channels: image channels (built-ins and torchvision ResNets adapt their stem).
         **kwargs: passed to the builder (e.g. ``expansion`` for shift ResNets).
     """
-    if name in _BUILDERS:
-        return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if name in MODELS:
+        return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -68,8 +64,6 @@ def get_model(
         return fn(num_classes=num_classes, **kwargs)
     tv = _torchvision_names()
     if name in tv:
-        from ._torchvision import build_torchvision
-
         return build_torchvision(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
     raise ValueError(
         f"unknown model {name!r}; built-in models: {', '.join(model_names())}; "
