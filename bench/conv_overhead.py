@@ -4,7 +4,7 @@ For the conv shapes of resnet20's decomposed layers (batch 1, one thread), print
 time of one ``F.conv2d`` call, the ATen kernel it lands in (from ``torch.profiler``) and,
 when that kernel is oneDNN's, oneDNN's own execution time (``ONEDNN_VERBOSE=1`` in a child
 process). The gap is per-call overhead that no change of the decomposed layer's arithmetic
-removes (README: "Why the small layers cannot meet it").
+removes (docs/latency.md: "Why the small layers cannot meet it").
 
 A second table, at a batch (``--batch``, default 32), times a 3x3 conv over resnet20's
 first-stage 32x32 maps for a range of channel counts (``--widths``), in NCHW and in
