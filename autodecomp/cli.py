@@ -52,6 +52,33 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _heartbeat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="seconds between heartbeats of a running trial (default: 60)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=int,
+        metavar="SECONDS",
+        help="a running trial silent this long is failed and re-queued (default: 2x heartbeat)",
+    )
+
+
+def _heartbeat(args: argparse.Namespace):
+    from .search.storage import Heartbeat
+
+    if args.heartbeat < 1 or (args.grace is not None and args.grace <= args.heartbeat):
+        raise ConfigError(
+            f"need --heartbeat >= 1 and --grace > --heartbeat, got {args.heartbeat} and "
+            f"{args.grace}"
+        )
+    return Heartbeat(interval=args.heartbeat, grace=args.grace)
+
+
 def _study_config(args: argparse.Namespace):
     from .config import load_config
 
@@ -68,15 +95,17 @@ def _study_config(args: argparse.Namespace):
 @command("search", help="run or resume a search study and write its Pareto tables")
 def _search(parser: argparse.ArgumentParser) -> Handler:
     _study_arguments(parser)
+    _heartbeat_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
         from .results.tables import summarise_search
         from .search.study import run_search
 
+        heartbeat = _heartbeat(args)
         cfg = _study_config(args)
-        result = run_search(cfg)
+        result = run_search(cfg, heartbeat=heartbeat)
         summarise_search(result.study, cfg)
-        return 130 if result.interrupted else 0
+        return 130 if result.interrupted else 1 if result.stopped else 0
 
     return run
 
@@ -114,29 +143,12 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument(
         "--index", type=int, help="worker number; seeds its sampler (default: the process id)"
     )
-    parser.add_argument(
-        "--heartbeat",
-        type=int,
-        default=60,
-        metavar="SECONDS",
-        help="seconds between heartbeats of a running trial (default: 60)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=int,
-        metavar="SECONDS",
-        help="a running trial silent this long is failed and re-queued (default: 2x heartbeat)",
-    )
+    _heartbeat_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from .search.storage import Heartbeat
         from .search.worker import run_worker
 
-        if args.heartbeat < 1 or (args.grace is not None and args.grace <= args.heartbeat):
-            raise ConfigError(
-                f"need --heartbeat >= 1 and --grace > --heartbeat, got {args.heartbeat} and "
-                f"{args.grace}"
-            )
+        heartbeat = _heartbeat(args)
         result = run_worker(
             args.study,
             args.storage,
@@ -144,7 +156,7 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
             device=args.device,
             folder=args.folder,
             index=args.index,
-            heartbeat=Heartbeat(interval=args.heartbeat, grace=args.grace),
+            heartbeat=heartbeat,
         )
         if result.interrupted:
             return 130
@@ -165,6 +177,27 @@ def _export(parser: argparse.ArgumentParser) -> Handler:
     from .ship.export import configure_parser
 
     return configure_parser(parser)
+
+
+@command("replay", help="re-run one trial from what its study stored; compare with the stored")
+def _replay(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("study", help="path to studies/<name>/study.yaml (or its folder)")
+    parser.add_argument("--trial", type=int, required=True, help="a COMPLETE trial's number")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the study's)")
+    parser.add_argument(
+        "--device", help="device to replay on (default: the study's; cpu if it lacks that GPU)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from .config import load_config
+        from .search.replay import format_replay, replay_trial
+
+        overrides = [] if args.storage is None else [f"storage={json.dumps(args.storage)}"]
+        result = replay_trial(load_config(args.study, overrides), args.trial, device=args.device)
+        print(format_replay(result))
+        return 0 if result.equal else 1
+
+    return run
 
 
 _TYPICAL_LAYERS = {  # label: ConvSpec.create arguments

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import FixedTrial
 from tiny_study import make_study
 
@@ -30,8 +33,9 @@ from autodecomp.search.allocate import (
     layer_options,
 )
 from autodecomp.search.baseline import load_baseline
+from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.proxies import Calibration, calibration_batch
-from autodecomp.search.space import SearchSpace, suggest_plan
+from autodecomp.search.space import SearchSpace, suggest_plan, uniform_params
 from autodecomp.search.study import prepare
 
 STUDY = {
@@ -302,3 +306,34 @@ def test_allocation_ladder_adds_uniform_tracks(template):
                 ratio * baseline.macs, abs=0.5
             )
             assert ratio <= 0.7
+
+
+def test_a_non_finite_kernel_fails_its_options_and_trials_not_the_study(template):
+    """A NaN in conv3: the ladder leaves out conv3's options (keeps it dense) instead of
+    crashing, and a trial whose plan decomposes conv3 FAILS with the reason; the next runs."""
+    cfg = load_config(template / "study.yaml", ["proxy.calibration_size=0"])
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    broken = copy.deepcopy(baseline.model)
+    with torch.no_grad():
+        broken.conv3.weight[0, 0, 0, 0] = math.nan
+    baseline = dataclasses.replace(baseline, model=broken)
+    lines: list[str] = []
+    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 3, log=lines.append)
+    assert rungs and all(rung.params["conv3/method"] == "keep" for rung in rungs)
+    assert any("conv2/method" in r.params and r.params["conv2/method"] != "keep" for r in rungs)
+    left_out = next(line for line in lines if "left out" in line)
+    assert "layer 'conv3': tucker cannot" in left_out or "layer 'conv3': tt cannot" in left_out
+    assert "non-finite (NaN or inf) entries: 1 NaN, 0 Inf" in left_out
+
+    study = optuna.create_study(directions=cfg.directions)
+    study.enqueue_trial(uniform_params(prepared.space, "tucker", 0.3))
+    study.enqueue_trial(uniform_params(prepared.space, "keep"))
+    objective = Objective(cfg, prepared.space, baseline, prepared.splits)
+    study.optimize(objective, n_trials=2, catch=CATCH)
+    failed, other = study.trials
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith(
+        "DecompositionError: layer 'conv3': tucker cannot decompose a kernel with non-finite"
+    )
+    assert "non-finite" not in str(other.user_attrs.get("fail_reason"))

@@ -183,3 +183,29 @@ def test_apply_plan_on_resnet18_keeps_shapes_and_original(method):
         assert torch.equal(v, before[k])
     assert ad.count_params(small) < ad.count_params(model)
     assert set(ad.conv_layers(small)) == set(layers) - set(plan)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_kernel_is_a_decomposition_error(method, bad, capfd):
+    """No solver sees a NaN / Inf kernel (which crashed SVDs with a LinAlgError, or gave
+    non-finite factors and MKL's DLASCL messages): every entry point raises first."""
+    conv = make_conv(GEOMETRIES[0], torch.float32)
+    cls, spec = get_method(method), ConvSpec.from_conv(conv)
+    supported_or_skip(method, spec)
+    with torch.no_grad():
+        conv.weight[1, 2, 0, 1] = bad
+    kind = "1 NaN, 0 Inf" if bad != bad else "0 NaN, 1 Inf"
+    with pytest.raises(ad.DecompositionError, match=rf"^{method} cannot .* kernel .*: {kind} of"):
+        ad.decompose_conv(conv, method, ratio=0.4)
+    rank = cls.rank_for_ratio(spec, 0.4)
+    with pytest.raises(ad.DecompositionError, match="non-finite"):
+        cls.from_weight(conv.weight.detach(), conv.bias, spec, rank)
+    with pytest.raises(ad.DecompositionError, match=r"^layer '0': .*non-finite"):
+        ad.apply_plan(nn.Sequential(conv), {"0": {"method": method, "ratio": 0.4}})
+    finite = make_conv(GEOMETRIES[0], torch.float32)
+    with torch.no_grad():
+        finite.bias[0] = bad
+    with pytest.raises(ad.DecompositionError, match="bias with non-finite"):
+        ad.decompose_conv(finite, method, ratio=0.4)
+    assert "DLASCL" not in capfd.readouterr().err

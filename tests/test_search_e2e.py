@@ -120,6 +120,11 @@ def test_resume_continues_without_duplicates(study_yaml, capsys):
     assert main([*search, "--trials", "5"]) == 0  # already done: no new trial
     assert len(_load(study_yaml).trials) == 5
     capsys.readouterr()
+    assert main([*search, "--trials", "3"]) == 0  # fewer than the study has
+    out = capsys.readouterr().out
+    assert "study 'tiny': 5 trials done (more than trials: 3); nothing to run" in out
+    assert "5 trials counted (more than trials: 3) (0 failed)" in out and "5/3" not in out
+    assert len(_load(study_yaml).trials) == 5
 
     # anything but trials / storage / device / threads must match the stored config
     assert main([*search, "--set", "proxy.steps=5"]) == 2
@@ -128,23 +133,29 @@ def test_resume_continues_without_duplicates(study_yaml, capsys):
     assert len(err.splitlines()) == 1
 
 
-def test_ctrl_c_writes_tables_then_resumes(study_yaml, monkeypatch):
+def test_ctrl_c_writes_tables_requeues_the_plan_then_resumes(study_yaml, monkeypatch):
     calls = []
     run = objective_module.Objective._run
 
     def interrupted(self, trial, clock):
         calls.append(trial.number)
-        if len(calls) == 3:
+        if len(calls) == 3:  # Ctrl-C once the plan is drawn
+            objective_module.suggest_plan(trial, self.space)
             raise KeyboardInterrupt
         return run(self, trial, clock)
 
     monkeypatch.setattr(objective_module.Objective, "_run", interrupted)
     assert main(["search", str(study_yaml), "--trials", "4"]) == 130
     trials = pd.read_csv(study_yaml.parent / "trials.csv")
-    assert list(trials.state) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert list(trials.state) == ["COMPLETE", "COMPLETE", "FAIL", "WAITING"]
     assert (study_yaml.parent / "pareto.csv").exists()
+    failed, waiting = _load(study_yaml).trials[2:]
+    assert waiting.params == failed.params and "conv2/method" in failed.params
+    assert waiting.system_attrs["failed_trial"] == 2
 
     monkeypatch.setattr(objective_module.Objective, "_run", run)
     assert main(["search", str(study_yaml), "--trials", "4"]) == 0
     study = _load(study_yaml)
     assert len(_counted(study)) == 4 and len(study.trials) == 5
+    rerun = study.trials[3]  # the re-queued plan ran first
+    assert rerun.state in COUNTED and rerun.params == failed.params

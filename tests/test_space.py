@@ -12,13 +12,19 @@ import yaml
 from torch import nn
 
 import autodecomp as ad
-from autodecomp.config import load_config, parse_space
+from autodecomp.config import Budgets, load_config, parse_space
 from autodecomp.core.errors import ConfigError
 from autodecomp.measure.plan_cost import PlanCost
 from autodecomp.search import objective as objective_module
 from autodecomp.search.baseline import Baseline
 from autodecomp.search.objective import Objective
-from autodecomp.search.space import resolve_space, suggest_plan, uniform_params
+from autodecomp.search.space import (
+    cheapest_cost,
+    check_budgets,
+    resolve_space,
+    suggest_plan,
+    uniform_params,
+)
 from autodecomp.workload.data import load_data
 from autodecomp.workload.models import get_model
 
@@ -324,3 +330,32 @@ def _uniform_plan(space, method: str, ratio: float) -> dict:
         if chosen != "keep":
             plan[layer.name]["ratio"] = params[f"{layer.name}/{chosen}/ratio"]
     return plan
+
+
+def test_cheapest_cost_and_an_impossible_budget():
+    model = get_model("digits_cnn", in_channels=1).eval()
+    shape = (1, 8, 8)
+    raw = {"methods": ["tucker", "tt"], "layers": {"exclude": ["conv1"]}, "ratio": [0.2, 0.6]}
+    space = resolve_space(model, parse_space({**raw, "keep": False}))
+    least = cheapest_cost(model, space, shape)
+    macs, params = ad.count_macs(model, shape), ad.count_params(model)
+    for layer in space.layers:  # brute force: each layer's cheapest fitted option
+        costs = []
+        for method in layer.choices:
+            small = ad.apply_plan(model, {layer.name: {"method": method, "ratio": 0.2}})
+            costs.append((ad.count_macs(small, shape), ad.count_params(small)))
+        macs -= ad.count_macs(model, shape) - min(c[0] for c in costs)
+        params -= ad.count_params(model) - min(c[1] for c in costs)
+    assert least == {"macs": macs, "params": params}
+    with_keep = cheapest_cost(model, resolve_space(model, parse_space(raw)), shape)
+    assert with_keep == least  # the smallest options are cheaper than keeping a layer dense
+
+    check_budgets(model, space, Budgets(max_macs=least["macs"]), shape)  # just feasible
+    with pytest.raises(ConfigError) as info:
+        check_budgets(model, space, Budgets(max_macs=least["macs"] - 1), shape)
+    assert str(info.value) == (
+        f"budgets.max_macs {least['macs'] - 1:,} is below the cheapest plan of the space "
+        f"({least['macs']:,} MACs: every layer at its smallest option)"
+    )
+    with pytest.raises(ConfigError, match=r"budgets.max_params 0.01 \(333 params\) is below"):
+        check_budgets(model, space, Budgets(max_params=0.01), shape)

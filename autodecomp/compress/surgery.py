@@ -12,6 +12,7 @@ from torch import nn
 from ..decompositions import (
     ConvSpec,
     DecomposedConv,
+    DecompositionError,
     UnsupportedLayerError,
     get_method,
     supporting_methods,
@@ -161,7 +162,7 @@ def _stats_for(
     return calibration[name]
 
 
-def _on_layer(name: str, err: ValueError) -> ValueError:
+def _on_layer(name: str, err: Exception) -> Exception:
     """``err`` (same type) with its message prefixed by the layer's name."""
     return type(err)(f"layer {name!r}: {err}")
 
@@ -193,7 +194,7 @@ def _decomposed(
             calibration=stats,
             **entry.options,
         )
-    except ValueError as err:
+    except (ValueError, DecompositionError) as err:  # e.g. a non-finite kernel
         raise _on_layer(name, err) from None
     return layer if entry.prune is None else _pruned(name, layer, entry)
 

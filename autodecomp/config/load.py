@@ -23,7 +23,7 @@ from .checks import (
     integer,
     local_path,
     mapping,
-    positive,
+    number,
     registered,
     section,
     show,
@@ -48,7 +48,8 @@ from .space import load_space, parse_space
 
 __all__ = ["load_config"]
 
-_STUDY_KEYS = tuple(f.name for f in fields(StudyConfig) if f.name != "folder")
+_STUDY_FIELDS = {f.name: f for f in fields(StudyConfig)}
+_STUDY_KEYS = tuple(name for name in _STUDY_FIELDS if name != "folder")
 
 
 def _shorthand(raw: Any, key: str) -> Any:
@@ -114,7 +115,8 @@ def _warm_start(raw: Any) -> tuple[WarmStart, ...]:
         if method == "keep":
             out.append(WarmStart("keep"))
         else:
-            out.append(WarmStart(method, positive(item.get("ratio"), f"{where}.ratio")))
+            ratio = number(item.get("ratio"), f"{where}.ratio", lo=1e-12, hi=1.0)
+            out.append(WarmStart(method, ratio))
     return tuple(out)
 
 
@@ -135,6 +137,12 @@ def _storage(raw: Any, folder: Path) -> str:
             "journal:///study.journal, postgresql://user@host/db)"
         )
     return url
+
+
+def _top_setting(raw: Mapping[str, Any], key: str, folder: Path) -> Any:
+    """A top-level key declared on :class:`StudyConfig` with its check (``setting``)."""
+    item = _STUDY_FIELDS[key]
+    return item.metadata["check"](raw.get(key, item.default), key, folder)
 
 
 def _space(raw: Any, folder: Path) -> SpaceConfig:
@@ -182,4 +190,5 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         warm_start=_warm_start(raw.get("warm_start", [])),
         latency=_latency(raw.get("latency"), study_device),
         initial_design=_initial_design(raw.get("initial_design")),
+        deterministic=_top_setting(raw, "deterministic", folder),
     )

@@ -257,6 +257,17 @@ class StudyConfig:
     warm_start: tuple[WarmStart, ...] = ()
     latency: LatencyConfig = LatencyConfig()
     initial_design: InitialDesign = InitialDesign()
+    # deterministic kernels and a fixed CPU thread count (autodecomp.workload.runtime);
+    # None: on for a CPU study, off on a GPU (see ``is_deterministic``)
+    deterministic: bool | None = setting(None, check=optional(flag))
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Whether runs use deterministic kernels and a fixed thread count (``deterministic``,
+        by default on unless the study runs on a GPU)."""
+        if self.deterministic is not None:
+            return self.deterministic
+        return not self.device.startswith("cuda")
 
     @property
     def directions(self) -> list[str]:

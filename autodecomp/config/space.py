@@ -7,6 +7,7 @@ Method names may be globs over the registered decomposition methods; per-layer
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ def _method_patterns(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _ratio_range(
-    value: Any, where: str, *, lo_min: float = 0.0, open_lo: bool = True
+    value: Any, where: str, *, lo_min: float = 0.0, open_lo: bool = True, hi_max: float = 1.0
 ) -> RatioRange:
+    """A ``[lo, hi]`` range within ``(lo_min, hi_max]`` (``[lo_min, hi_max]`` unless
+    ``open_lo``); a parameter ratio above 1 would make a layer bigger than the dense one."""
     if isinstance(value, list | tuple):
         value = {"range": list(value)}
     raw = mapping(value, where, ("range", "log", "step"))
@@ -48,6 +51,11 @@ def _ratio_range(
         raise ConfigError(f"{where}.range must be a pair [lo, hi], got {show(pair)}")
     lo = number(pair[0], f"{where}.range[0]", lo=lo_min)
     hi = number(pair[1], f"{where}.range[1]", lo=lo_min)
+    if hi > hi_max:
+        raise ConfigError(
+            f"{where}.range[1] is {show(pair[1])}, above {hi_max:g}: a ratio is a fraction of "
+            f"the dense layer's parameters, in ({lo_min:g}, {hi_max:g}]"
+        )
     if (open_lo and lo <= lo_min) or hi < lo:
         bound = f"{lo_min} {'<' if open_lo else '<='} lo <= hi"
         raise ConfigError(f"{where}.range must satisfy {bound}, got {show(pair)}")
@@ -62,7 +70,7 @@ def _ratio_range(
 
 def _shift_range(value: Any, where: str) -> RatioRange:
     """Shift-layer pruning: the fraction of a shift block's intermediate channels removed."""
-    pruned = _ratio_range(value, where, open_lo=False)
+    pruned = _ratio_range(value, where, open_lo=False, hi_max=math.inf)
     if pruned.hi >= 1:
         raise ConfigError(f"{where}.range must lie in [0, 1), got {[pruned.lo, pruned.hi]}")
     if pruned.log and pruned.lo <= 0:

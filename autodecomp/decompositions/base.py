@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from abc import ABC, abstractmethod
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.errors import UnsupportedLayerError
+from ..core.errors import DecompositionError, UnsupportedLayerError
 from ..core.registry import Registry
 from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
@@ -24,6 +25,7 @@ __all__ = [
     "DATA_DAMPING",
     "REFINE_STEPS",
     "DecomposedConv",
+    "check_finite_kernel",
     "check_rank_multiple",
     "check_rank_request",
     "check_ratio",
@@ -40,9 +42,40 @@ REFINE_STEPS = 50  # L-BFGS iterations of the output-error refinement
 
 
 def check_ratio(ratio: Any) -> None:
-    """A target ratio of the dense parameters must be a finite number > 0."""
-    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
-        raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+    """A target ratio is a fraction of the dense layer's parameters: a number in ``(0, 1]``
+    (above 1 a decomposed layer would be bigger than the dense one)."""
+    number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
+    if not (number and math.isfinite(ratio) and 0 < ratio <= 1):
+        raise ValueError(
+            f"ratio must be a number in (0, 1] (a fraction of the dense layer's parameters), "
+            f"got {ratio!r}"
+        )
+
+
+def check_finite_kernel(method: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A kernel (or bias) with NaN or Inf entries has no decomposition: raise
+    :class:`DecompositionError` before any solver sees it (an SVD of it fails or returns
+    non-finite factors)."""
+    bad = [(what, t) for what, t in (("kernel", weight), ("bias", bias)) if t is not None]
+    bad = [(what, t) for what, t in bad if not bool(torch.isfinite(t).all())]
+    if bad:
+        what, tensor = bad[0]
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise DecompositionError(
+            f"{method} cannot decompose a {what} with non-finite (NaN or inf) entries: {nan} NaN, "
+            f"{inf} Inf of {tensor.numel()}"
+        )
+
+
+def _finite_first(from_weight: Callable[..., DecomposedConv]) -> Callable[..., DecomposedConv]:
+    """``from_weight`` that first refuses a non-finite kernel (:func:`check_finite_kernel`)."""
+
+    @functools.wraps(from_weight)
+    def checked(cls: type[DecomposedConv], weight: torch.Tensor, bias: Any, *args, **kwargs):
+        check_finite_kernel(getattr(cls, "name", cls.__name__), weight, bias)
+        return from_weight(cls, weight, bias, *args, **kwargs)
+
+    return checked
 
 
 def check_rank_multiple(multiple: Any) -> None:
@@ -78,6 +111,14 @@ class DecomposedConv(nn.Module, ABC):
     supports_data_init: ClassVar[bool] = True
     """Whether the method fits a layer's output on calibration inputs
     (:meth:`from_calibration`); see :meth:`data_init_reason`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each method's own :meth:`from_weight` (every initialisation passes it, the
+        data-aware one included) refuses a non-finite kernel first: one check for all."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("from_weight")
+        if isinstance(own, classmethod):
+            cls.from_weight = classmethod(_finite_first(own.__func__))  # type: ignore[assignment]
 
     def __init__(self, spec: ConvSpec, rank: Rank) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ import optuna
 import pandas as pd
 
 from ..config import load_config
+from ..core.errors import ConfigError
 from ..core.files import atomic_write
 from ..search.storage import shown, storage_folder
 from ..search.study import quiet_optuna
@@ -196,7 +197,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     )
     parser.add_argument("--storage", help="read this storage instead of the study's")
     parser.add_argument("--study-name", help="study in the storage (default: the config's)")
-    parser.add_argument("-o", "--output", help="output folder (default: <study folder>/report)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        metavar="DIR",
+        help="output folder (default: <study folder>/report); the study is only read",
+    )
     parser.add_argument(
         "--max-macs", help="query: best trial with MACs <= this (0.5, 50%%, 0.5x, 300k, 2.5M)"
     )
@@ -208,17 +215,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
 
     def run(args: argparse.Namespace) -> int:
         storage, name, default_folder = _locate(args)
+        out = Path(args.output) if args.output else default_folder
         with quiet_optuna():
             study = read_study(storage, name)
-            result = write_report(
-                study,
-                Path(args.output) if args.output else default_folder,
-                max_macs=args.max_macs,
-                max_params=args.max_params,
-                max_drop=args.max_drop,
-                plots=not args.no_plots,
-                source=shown(storage),
-            )
+            try:
+                result = write_report(
+                    study,
+                    out,
+                    max_macs=args.max_macs,
+                    max_params=args.max_params,
+                    max_drop=args.max_drop,
+                    plots=not args.no_plots,
+                    source=shown(storage),
+                )
+            except OSError as err:  # e.g. a read-only study folder
+                raise ConfigError(
+                    f"cannot write the report to {str(out)!r}: {err.strerror or err}; write it "
+                    "elsewhere with --out DIR"
+                ) from None
         study = result["study"]
         base = study_baseline(study)
         print(

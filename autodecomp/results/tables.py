@@ -30,7 +30,7 @@ from ..compress.plan import plan_summary
 from ..config import StudyConfig
 from ..core.files import atomic_write
 from ..measure.objectives import registered
-from ..search.study import COUNTED
+from ..search.loop import COUNTED, counted_text
 from .study_view import value_names
 
 __all__ = [
@@ -240,7 +240,7 @@ def summarise_search(
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     log(
-        f"{counted}/{cfg.trials} trials counted ({failed} failed); "
+        f"{counted_text(counted, cfg.trials, 'counted')} ({failed} failed); "
         f"tables: {', '.join(str(p) for p in tables.values())}"
     )
     log("Pareto front (feasible, non-dominated):")

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..compress.surgery import apply_plan, skeleton
 from ..config import StudyConfig
+from ..core.errors import DecompositionError
 from ..measure.cost import count_params
 from ..measure.plan_cost import PlanCost
 from ..workload.data import DataSplits
@@ -117,6 +118,27 @@ def dense_option(model: nn.Module, cost: PlanCost, layer: LayerSpace) -> Option:
     return Option(layer_params(layer, KEEP), cost.dense_macs(layer.name), count_params(dense), 0.0)
 
 
+def _fitted(
+    model: nn.Module, plan: dict[str, dict[str, Any]], failed: list[str] | None
+) -> nn.Module | None:
+    """``apply_plan(model, plan)``; when a layer fails to decompose (:class:`DecompositionError`:
+    a non-finite kernel, a solver that diverged), each layer is tried alone, those that fail
+    are dropped from ``plan`` (their messages appended to ``failed``) and the rest applied;
+    ``None`` when every layer fails."""
+    try:
+        return apply_plan(model, plan)
+    except DecompositionError:
+        pass
+    for name in list(plan):
+        try:
+            apply_plan(model, {name: plan[name]})
+        except DecompositionError as err:
+            del plan[name]
+            if failed is not None:
+                failed.append(str(err))
+    return apply_plan(model, plan) if plan else None
+
+
 def layer_options(
     model: nn.Module,
     space: SearchSpace,
@@ -125,11 +147,14 @@ def layer_options(
     grid: int,
     dense: Mapping[str, Option],
     score: str = "network",
+    failed: list[str] | None = None,
 ) -> dict[str, list[Option]]:
     """Every layer's options (``keep`` first, then distinct (method, rank) ones) with
     their MACs, parameters and error: the relative output error of the layer (``score``
     ``layer``) or of the network with only that layer replaced (``network``); the kernel
-    error without calibration. ``dense`` holds each layer's ``keep`` option."""
+    error without calibration. ``dense`` holds each layer's ``keep`` option. An option that
+    fails to decompose (:class:`DecompositionError`) is left out, its message appended to
+    ``failed``."""
     options = {
         layer.name: [dense[layer.name]] if KEEP in layer.choices else [] for layer in space.layers
     }
@@ -148,9 +173,9 @@ def layer_options(
                 seen.add(key)
                 chosen[layer.name] = params
                 plan[layer.name] = _plan_entry(layer, params)
-            if not plan:
+            compressed = _fitted(model, plan, failed) if plan else None
+            if compressed is None:
                 continue
-            compressed = apply_plan(model, plan)
             _, _, records = cost(compressed, plan)
             if calibration is not None and score == "network":
                 errors = calibration.network_errors(compressed, plan)
@@ -159,6 +184,8 @@ def layer_options(
             else:
                 errors = kernel_errors(model, compressed, plan)
             for name, params in chosen.items():
+                if name not in plan:  # failed to decompose
+                    continue
                 record = records[name]
                 error = errors.get(name, 0.0)
                 options[name].append(Option(params, record["macs"], record["params"], error, ratio))
@@ -222,7 +249,10 @@ def uniform_plans(
     for ratio in _grid_ratios(space, UNIFORM_CANDIDATES):
         params = uniform_params(space, method, ratio)
         plan = suggest_plan(FixedTrial(params), space)
-        macs, params_count, records = cost(skeleton(model, plan), plan)
+        try:  # a decomposed-then-pruned layer is fitted to its kernel
+            macs, params_count, records = cost(skeleton(model, plan), plan)
+        except DecompositionError:
+            continue
         totals = {"macs": macs, "params": params_count}
         if any(totals[k] > limit for k, limit in limits.items() if k in totals):
             continue
@@ -281,7 +311,8 @@ def allocation_ladder(
         calibration = Calibration(model, inputs, cfg.device)
     dense = {layer.name: dense_option(model, cost, layer) for layer in space.layers}
     score = cfg.initial_design.score
-    options = layer_options(model, space, cost, calibration, grid, dense, score)
+    failed: list[str] = []
+    options = layer_options(model, space, cost, calibration, grid, dense, score, failed)
     names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
     found: list[Rung] = []
@@ -312,6 +343,8 @@ def allocation_ladder(
         )
         tracks = ranked[: cfg.initial_design.tracks]
         rungs += [rung for m in tracks for rung in uniform[m]]
+    if log is not None and failed:
+        log(f"allocation ladder: {len(failed)} layer options left out, e.g. {failed[0]}")
     if log is not None:
         count = sum(len(o) for o in options.values())
         extra = f"; uniform tracks {', '.join(tracks)}" if tracks else ""

@@ -159,6 +159,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, clock: _Clock) -> tuple[float, ...]:
         base = self.baseline
+        train.set_seed(self.cfg.seed + trial.number)  # the trial depends on its number only
         with clock("plan"):
             plan = suggest_plan(trial, self.space)
         trial.set_user_attr("plan", plan)

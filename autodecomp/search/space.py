@@ -21,19 +21,23 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.trial import FixedTrial
 from torch import nn
 
 from ..compress.plan import KEEP, PRUNE, PlanEntry
 from ..compress.prune import prunable_methods, shift_blocks
-from ..compress.surgery import conv_layers
-from ..config import RatioRange, SpaceConfig
+from ..compress.surgery import conv_layers, skeleton
+from ..config import Budgets, RatioRange, SpaceConfig
 from ..core.errors import ConfigError
 from ..decompositions import ConvSpec, get_method, supporting_methods
+from ..measure.cost import count_macs, count_params
+from ..measure.plan_cost import PlanCost
 
 __all__ = [
     "KEEP",
@@ -42,6 +46,8 @@ __all__ = [
     "LayerSpace",
     "SearchSpace",
     "block_params",
+    "cheapest_cost",
+    "check_budgets",
     "data_init_supported",
     "layer_params",
     "resolve_space",
@@ -311,3 +317,73 @@ def uniform_params(space: SearchSpace, method: str, ratio: float | None = None) 
                 f"(choices: {', '.join(layer.choices)})"
             )
     return params | block_params(space)
+
+
+def _smallest_params(layer: LayerSpace, method: str) -> dict[str, Any]:
+    """``layer`` on ``method`` at its smallest option: the low end of the ratio range (or
+    the smallest listed rank), pruned at the high end of the pruning range."""
+    params = layer_params(layer, method, 0.0)  # clipped to the range's low end
+    if method in layer.prunable:
+        params[f"{layer.name}/{method}/prune"] = layer.prune.hi
+    return params
+
+
+def cheapest_cost(
+    model: nn.Module, space: SearchSpace, input_shape: tuple[int, ...]
+) -> dict[str, int]:
+    """``{"macs": ..., "params": ...}``: the least MACs and the least parameters of any plan
+    of ``space``, each layer at its cheapest smallest option (``keep`` included when
+    allowed) and each shift block pruned at the high end of its range.
+
+    Counted by fvcore on unfitted skeletons of the plans (:func:`~autodecomp.compress.surgery
+    .skeleton`), one per method: a layer's cost depends on its own option only, so the
+    least total is the baseline's with every layer's dense cost swapped for its least.
+    """
+    cost = PlanCost(model, input_shape, space.names)
+    dense_params = {n: count_params(model.get_submodule(n)) for n in space.names}
+    least = {n: (cost.dense_macs(n), dense_params[n]) for n in space.names}
+    for layer in space.layers:
+        if KEEP not in layer.choices:  # its dense cost is no option
+            least[layer.name] = (math.inf, math.inf)
+    blocks = {f"{b.name}/shift_prune": b.prune.hi for b in space.blocks}
+    methods = dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP)
+    for method in methods or [KEEP]:
+        layers = tuple(layer for layer in space.layers if method in layer.choices)
+        params = dict(blocks)
+        for layer in layers:
+            params |= _smallest_params(layer, method)
+        sub = SearchSpace(layers, space.blocks)
+        plan = suggest_plan(FixedTrial(params), sub)
+        _, _, records = cost(skeleton(model, plan), plan)
+        for name, record in records.items():
+            macs, count = least[name]
+            least[name] = (min(macs, record["macs"]), min(count, record["params"]))
+    return {
+        "macs": cost.macs + sum(least[n][0] - cost.dense_macs(n) for n in space.names),
+        "params": count_params(model) + sum(least[n][1] - dense_params[n] for n in space.names),
+    }
+
+
+def check_budgets(
+    model: nn.Module, space: SearchSpace, budgets: Budgets, input_shape: tuple[int, ...]
+) -> None:
+    """Raise :class:`ConfigError` if ``budgets.max_macs`` or ``max_params`` is below the
+    cheapest plan of ``space`` (:func:`cheapest_cost`): every trial would be over budget.
+
+    ``model`` may be untrained: only its structure is counted.
+    """
+    wanted = {"macs": budgets.max_macs, "params": budgets.max_params}
+    if all(v is None for v in wanted.values()):
+        return
+    shape = tuple(input_shape)
+    limits = budgets.limits(count_macs(model, shape), count_params(model))
+    least = cheapest_cost(model, space, shape)
+    for key, budget in wanted.items():
+        if budget is None or limits[key] >= least[key]:
+            continue
+        unit = "MACs" if key == "macs" else "params"
+        given = f"{limits[key]:,.0f}" if budget > 1 else f"{budget:g} ({limits[key]:,.0f} {unit})"
+        raise ConfigError(
+            f"budgets.max_{key} {given} is below the cheapest plan of the space "
+            f"({least[key]:,} {unit}: every layer at its smallest option)"
+        )

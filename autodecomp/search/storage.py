@@ -24,6 +24,7 @@ heartbeat for RDB storages only; :class:`HeartbeatJournalStorage` and
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -33,6 +34,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -55,6 +57,7 @@ __all__ = [
     "journal_path",
     "open_storage",
     "open_storage_readonly",
+    "setup_lock",
     "shown",
     "storage_folder",
     "trial_start_lock",
@@ -67,6 +70,22 @@ _HEARTBEAT_ATTR = "autodecomp:heartbeat"
 _SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
 _CONNECT_TIMEOUT_S = 10
 _LOCK_IDLE_TIMEOUT = "120s"  # a lock holder that vanished mid-transaction is cut off after this
+_CONSTRAINT_PREFIX = "constraints:"  # Optuna keeps trial.set_constraint values under this key
+
+
+class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry callback, except that the re-queued trial does not inherit the failed
+    one's constraints or heartbeat: its run sets its own (Optuna would keep the old
+    constraint values and warn that the new ones are ignored)."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        fresh = copy.copy(trial)
+        fresh.system_attrs = {
+            key: value
+            for key, value in trial.system_attrs.items()
+            if not key.startswith(_CONSTRAINT_PREFIX) and key != _HEARTBEAT_ATTR
+        }
+        super().__call__(study, fresh)
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,7 @@ class Heartbeat:
     def retry_callback(self) -> RetryHeartbeatStaleTrialCallback:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RetryHeartbeatStaleTrialCallback(max_retry=self.max_retry)
+            return _RetryStaleTrial(max_retry=self.max_retry)
 
 
 def shown(url: str) -> str:
@@ -152,8 +171,66 @@ def _is_sqlite(path: Path) -> bool:
         return handle.read(16) == b"SQLite format 3\x00"
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err`` (Optuna's storage errors: of the database error behind it)."""
+    if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _sqlite_readonly_url(path: Path, *, immutable: bool) -> str:
+    """A URL opening the SQLite file ``path`` read-only (SQLite refuses any write)."""
+    query = "mode=ro&immutable=1&uri=true" if immutable else "mode=ro&uri=true"
+    return f"sqlite:///file:{quote(str(path.resolve()))}?{query}"
+
+
+def _rdb_readonly(url: str, shown_as: str) -> optuna.storages.RDBStorage:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    kwargs: dict[str, Any] = {}
+    if _parse(url).get_backend_name() == "postgresql":  # the server refuses every write
+        kwargs["connect_args"] = {
+            "connect_timeout": _CONNECT_TIMEOUT_S,
+            "options": "-c default_transaction_read_only=on",
+        }
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+    except (
+        SQLAlchemyError,
+        optuna.exceptions.StorageInternalError,
+        ImportError,
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as err:
+        raise ConfigError(f"cannot open storage {shown_as}: {_first_line(err)}") from None
+
+
+def _sqlite_readonly(path: Path, shown_as: str) -> optuna.storages.RDBStorage:
+    """The SQLite file opened read-only (``mode=ro``): the database is never written.
+
+    A database in write-ahead-log mode (as :func:`open_storage` leaves it) is read through
+    its ``-shm`` index, which SQLite creates next to the file if missing; in a folder where
+    it cannot (read-only) and with no ``-wal`` file (so every committed trial is in the
+    database file itself, and no process can be writing it), the file is opened
+    ``immutable``: read as it is, without any lock or side file.
+    """
+    try:
+        return _rdb_readonly(_sqlite_readonly_url(path, immutable=False), shown_as)
+    except ConfigError:
+        pending = [path.with_name(path.name + s) for s in ("-wal", "-journal")]
+        if os.access(path.parent, os.W_OK) or any(p.exists() for p in pending):
+            raise
+    return _rdb_readonly(_sqlite_readonly_url(path, immutable=True), shown_as)
+
+
 def open_storage_readonly(storage: str) -> optuna.storages.BaseStorage:
     """An Optuna storage opened for reading: nothing is created or written.
+
+    A SQLite file is opened read-only (:func:`_sqlite_readonly`; also in a read-only
+    folder), a PostgreSQL database in read-only transactions; Optuna's schema set-up is
+    skipped (an older schema is an error naming ``optuna storage upgrade``, not an
+    upgrade). A journal file is only read.
 
     Args:
         storage: a database URL (``sqlite:///...``, ``postgresql://...``), a journal URL
@@ -161,10 +238,9 @@ def open_storage_readonly(storage: str) -> optuna.storages.BaseStorage:
             journal file (``JournalFileBackend``).
 
     Raises:
-        ConfigError: a missing file or database, or a storage that cannot be opened.
+        ConfigError: a missing file or database, an unreachable server, or a storage that
+            cannot be opened (one line).
     """
-    from sqlalchemy.exc import SQLAlchemyError
-
     journal = journal_path(storage)
     if journal is not None:
         if not journal.is_file():
@@ -179,15 +255,15 @@ def open_storage_readonly(storage: str) -> optuna.storages.BaseStorage:
             )
         if not _is_sqlite(path):
             return JournalStorage(JournalFileBackend(str(path)))
-        storage = f"sqlite:///{path.resolve()}"
+        return _sqlite_readonly(path, shown(storage))
     local = _local_file(storage)
-    if local is not None and not local.is_file():
-        raise ConfigError(f"storage {storage!r}: no database file (has the search run?)")
-    try:
-        return optuna.storages.RDBStorage(storage, skip_table_creation=True)
-    except (SQLAlchemyError, ImportError, OSError, RuntimeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"cannot open storage {shown(storage)}: {first}") from None
+    if local is not None:
+        if not local.is_file():
+            raise ConfigError(f"storage {storage!r}: no database file (has the search run?)")
+        return _sqlite_readonly(local, shown(storage))
+    if _parse(storage).get_backend_name() != "sqlite":  # a server: one line if unreachable
+        check_storage(storage)
+    return _rdb_readonly(storage, shown(storage))
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -352,7 +428,7 @@ def _advisory_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[N
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
 
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    key = _lock_key(name)
     connection = storage.engine.connect()
     transaction = connection.begin()
     try:
@@ -365,6 +441,47 @@ def _advisory_lock(storage: optuna.storages.RDBStorage, name: str) -> Iterator[N
         with suppress(SQLAlchemyError):  # the server ends a holder idle past the timeout
             transaction.commit()
         connection.close()
+
+
+def _lock_key(name: str) -> int:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@contextmanager
+def _server_session_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock through a connection of its own (no Optuna table
+    needs to exist); freed if the holder's connection dies."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, **{**_engine_kwargs(url), "pool_size": 1, "max_overflow": 0})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _lock_key(name)})
+            try:
+                yield
+            finally:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_key(name)}
+                )
+    finally:
+        engine.dispose()
+
+
+def setup_lock(url: str) -> AbstractContextManager[None]:
+    """A lock to hold while opening a study's storage and creating (or loading) the study:
+    concurrent ``autodecomp search`` processes on a new SQLite file or database would
+    otherwise race to create Optuna's tables, and would each compute the allocation ladder.
+
+    A ``flock`` on ``<file>.setup.lock`` next to a journal or SQLite file, a PostgreSQL
+    advisory lock, and no lock for other storages.
+    """
+    path = _local_file(url)
+    if path is not None:
+        return exclusive_lock(path.with_name(f"{path.name}.setup.lock"))
+    if grpc_address(url) is None and _parse(url).get_backend_name() == "postgresql":
+        return _server_session_lock(url, "autodecomp:setup")
+    return nullcontext()
 
 
 def trial_start_lock(

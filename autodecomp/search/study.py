@@ -1,13 +1,16 @@
 """Create, resume and run a search study (storage URLs: :mod:`autodecomp.search.storage`).
 
 Order of work in :func:`run_search`: validate everything that can be wrong (config, data,
-model, search space, warm starts, sampler options, storage reachability) without writing
-anything; then load or train the baseline; then create or load the Optuna study and run
-trials until ``trials`` of them are COMPLETE or PRUNED (failed trials do not count; each
-run starts at most the missing number of trials, so a run with failures ends short and a
-rerun tops it up). Re-running the same command resumes; warm-start trials are enqueued only
-when the study is created. On resume the stored config must match, except ``trials``,
-``storage``, ``device`` and ``threads``. The CLI writes the tables afterwards
+model, search space, warm starts, sampler options, storage reachability, budgets that some
+plan of the space meets) without writing anything; then load or train the baseline; then
+create or load the Optuna study and run trials until ``trials`` of them are COMPLETE or
+PRUNED (failed trials do not count), by the loop every worker runs
+(:mod:`autodecomp.search.loop`): exactly the total under the study's start lock, even with
+several ``search`` processes on one study; a heartbeat, so that a trial whose process was
+killed is failed and re-queued by the next run; Ctrl-C or SIGTERM re-queue the running
+trial. Re-running the same command resumes; warm-start trials are enqueued only when the
+study is created. On resume the stored config must match, except ``trials``, ``storage``,
+``device``, ``threads`` and ``deterministic``. The CLI writes the tables afterwards
 (:func:`autodecomp.results.tables.summarise_search`), after a Ctrl-C too.
 :func:`setup_study` does the same up to the study's creation and runs no trial: the start
 of a study shared by many processes (:mod:`autodecomp.search.worker`).
@@ -16,6 +19,8 @@ of a study shared by many processes (:mod:`autodecomp.search.worker`).
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -33,13 +37,17 @@ from ..compress.plan import plan_summary
 from ..config import SAMPLERS, SamplerConfig, StudyConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..factorize import default_cache
+from ..workload import train
 from ..workload.data import DataSplits, load_data
 from ..workload.models import get_model
+from ..workload.runtime import configure_runtime, environment
 from .allocate import Ladder, allocation_ladder
 from .baseline import Baseline, load_baseline
-from .objective import CATCH, Objective
-from .space import SearchSpace, resolve_space, uniform_params
-from .storage import check_storage, open_storage
+from .loop import COUNTED, counted_text, run_until_total
+from .objective import Objective
+from .seeds import seed_each_trial, study_seeds
+from .space import SearchSpace, check_budgets, resolve_space, uniform_params
+from .storage import Heartbeat, check_storage, open_storage, setup_lock
 
 __all__ = [
     "COUNTED",
@@ -60,9 +68,8 @@ __all__ = [
     "trial_summary",
 ]
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Config keys that may differ between the stored study and a resuming run.
-_HARMLESS = {"trials", "storage", "device", "threads", "space.source"}
+_HARMLESS = {"trials", "storage", "device", "threads", "deterministic", "space.source"}
 
 
 def make_sampler(
@@ -70,8 +77,10 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The Optuna sampler seeded with ``seed + offset``; ``options`` go to its constructor.
 
-    A resumed study passes its trial count as ``offset`` so that it does not replay the
-    random draws of the first run; each worker passes its own (the seed wraps at 2**32).
+    Before every trial its random states are re-seeded from ``(seed, trial number)``
+    (:func:`~autodecomp.search.seeds.seed_each_trial`), so a resumed study draws what an
+    uninterrupted one would have; ``offset`` (a resume's trial count, a worker's own
+    number; the seed wraps at 2**32) only seeds what it draws outside a trial.
     TPE's ``constant_liar`` (which re-reads the storage for every parameter so that
     parallel workers see each other's running trials) defaults to ``parallel``: off for
     one process, where it would only cost time.
@@ -91,9 +100,10 @@ def make_sampler(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return cls(seed=(cfg.seed + offset) % 2**32, **options)
+            sampler = cls(seed=(cfg.seed + offset) % 2**32, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sampler {cfg.name} options {cfg.options}: {err}") from None
+    return seed_each_trial(sampler, cfg.seed)
 
 
 @dataclass(frozen=True)
@@ -108,11 +118,17 @@ class Prepared:
 
 
 def prepare(cfg: StudyConfig) -> Prepared:
-    """Build data, model, search space, warm starts and sampler, and check the storage.
+    """Build data, model, search space, warm starts and sampler (reads only: ``export`` uses
+    it on a read-only study folder; :func:`prepare_baseline` also checks storage and budgets).
+
+    First sets torch's determinism and thread count (``deterministic``, ``threads``:
+    :func:`~autodecomp.workload.runtime.configure_runtime`); the model's initial weights
+    are drawn from generators seeded with ``seed`` (:mod:`autodecomp.search.seeds`).
 
     Raises:
         ConfigError: anything invalid; nothing has been written when it is raised.
     """
+    configure_runtime(deterministic=cfg.is_deterministic, threads=cfg.threads, device=cfg.device)
     d = cfg.data
     try:
         splits = load_data(
@@ -126,6 +142,7 @@ def prepare(cfg: StudyConfig) -> Prepared:
         )
     except ValueError as err:
         raise ConfigError(f"data: {err}") from None
+    train.set_seed(cfg.seed)
     try:
         model = get_model(
             cfg.model.name,
@@ -143,7 +160,6 @@ def prepare(cfg: StudyConfig) -> Prepared:
             label = start.method if start.ratio is None else f"{start.method}@{start.ratio}"
             warm.append((label, params))
     sampler = make_sampler(cfg.sampler)
-    check_storage(cfg.storage)
     return Prepared(splits, model, space, sampler, tuple(warm))
 
 
@@ -158,8 +174,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` if ``new`` differs from the stored config beyond what a
-    resume may change (``trials``, ``storage``, ``device``, ``threads``). Keys the stored
-    config lacks (a study made by an older version) compare as their defaults."""
+    resume may change (``trials``, ``storage``, ``device``, ``threads``, ``deterministic``).
+    Keys the stored config lacks (a study made by an older version) compare as their
+    defaults."""
     if stored is None:
         return
     with suppress(ConfigError):  # unreadable: compared as stored, the message names the key
@@ -170,7 +187,8 @@ def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[
             continue
         raise ConfigError(
             f"study {name!r} was created with {key}={old_flat.get(key)!r}, now "
-            f"{new_flat.get(key)!r}; only trials, storage, device and threads may change on resume "
+            f"{new_flat.get(key)!r}; only trials, storage, device, threads and deterministic may "
+            "change on resume "
             "(choose a new study name, or delete the study)"
         )
 
@@ -188,12 +206,14 @@ def open_study(
     prepared: Prepared,
     baseline: Baseline,
     log: Callable[[str], None] | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> optuna.Study:
     """Load the study, or create it (storing config, folder and baseline, enqueueing warm
     starts, then the first rung of the allocation ladder). Workers find the baseline and
     factor cache in the stored ``folder``. The allocation ladder (:mod:`autodecomp.search.allocate`)
-    is computed before the study is created: an interrupted creation leaves nothing behind."""
-    storage = open_storage(cfg.storage)
+    is computed before the study is created: an interrupted creation leaves nothing behind.
+    ``storage``: the opened ``cfg.storage`` (default: opened here, with the default heartbeat)."""
+    storage = storage or open_storage(cfg.storage)
     config = cfg.to_dict()
     ladder = None
     if cfg.initial_design.plans > 0 and not _exists(storage, cfg.name):
@@ -220,6 +240,7 @@ def open_study(
     study.set_user_attr("folder", str(cfg.folder))
     study.set_user_attr("baseline", baseline.info())
     study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
+    study.set_user_attr("environment", {**environment(cfg.device), "seeds": study_seeds(cfg)})
     for label, params in prepared.warm_starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
     if ladder is not None:
@@ -273,7 +294,8 @@ def _progress(
 @dataclass(frozen=True)
 class SearchResult:
     study: optuna.Study
-    interrupted: bool
+    interrupted: bool  # Ctrl-C or SIGTERM: the running trial was re-queued
+    stopped: str | None = None  # why it stopped before the total (too many failures)
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
@@ -311,37 +333,17 @@ def study_callbacks(
     return [] if ladder is None else [ladder]
 
 
-def _optimize(
-    study: optuna.Study,
-    objective: Objective,
-    cfg: StudyConfig,
-    done: int,
-    log: Callable[[str], None],
-) -> bool:
-    """Run the missing trials; returns True when interrupted by Ctrl-C."""
-    callbacks = study_callbacks(study, cfg)
-    try:
-        with _progress(cfg, done, log) as progress:
-            study.optimize(
-                objective,
-                n_trials=cfg.trials - done,
-                catch=CATCH,
-                callbacks=[*callbacks, progress],
-            )
-    except KeyboardInterrupt:
-        log("interrupted: writing the tables of the trials so far")
-        return True
-    return False
-
-
 def prepare_baseline(
-    cfg: StudyConfig, log: Callable[[str], None] = print
+    cfg: StudyConfig, log: Callable[[str], None] = print, *, may_train: bool = True
 ) -> tuple[Prepared, Baseline]:
-    """:func:`prepare` (nothing written), then load, reuse or train the baseline."""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    """:func:`prepare`, check the storage and that the budgets admit a plan of the space
+    (:func:`~autodecomp.search.space.check_budgets`), all with nothing written; then load,
+    reuse or (``may_train``; workers never do) train the baseline."""
     prepared = prepare(cfg)
-    return prepared, load_baseline(cfg, prepared.model, prepared.splits, log=log)
+    check_storage(cfg.storage)
+    check_budgets(prepared.model, prepared.space, cfg.budgets, prepared.splits.input_shape)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log, may_train=may_train)
+    return prepared, baseline
 
 
 def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optuna.Study:
@@ -351,10 +353,11 @@ def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optu
     processes join it with only its name and storage URL.
     """
     prepared, baseline = prepare_baseline(cfg, log)
-    with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
+    factors = cfg.folder / "cache" / "factors"
+    with setup_lock(cfg.storage), quiet_optuna(), shared_factor_cache(factors):
         study = open_study(cfg, prepared, baseline, log)
     log(
-        f"study {cfg.name!r} is ready: {_count(study, COUNTED)}/{cfg.trials} trials done; "
+        f"study {cfg.name!r} is ready: {counted_text(_count(study, COUNTED), cfg.trials, 'done')}; "
         f"baseline val accuracy {baseline.accuracy:.4f}, cache in {cfg.folder / 'cache'}"
     )
     log(f"start workers with: autodecomp worker --study {cfg.name} --storage {cfg.storage}")
@@ -363,20 +366,48 @@ def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optu
     return study
 
 
-def run_search(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> SearchResult:
-    """Validate, prepare the baseline, run (or resume) the study until it has its trials."""
+def run_search(
+    cfg: StudyConfig,
+    *,
+    heartbeat: Heartbeat | None = None,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Validate, prepare the baseline, create (or load) the study, then run its trials until
+    it has ``trials`` COMPLETE + PRUNED ones: what :func:`setup_study` does, then a worker's loop
+    (:func:`~autodecomp.search.loop.run_until_total`; ``heartbeat``: its heartbeat and
+    retry settings, default :class:`~autodecomp.search.storage.Heartbeat`)."""
+    heartbeat = heartbeat or Heartbeat()
     prepared, baseline = prepare_baseline(cfg, log)
     with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
-        study = open_study(cfg, prepared, baseline, log)
+        with setup_lock(cfg.storage):  # concurrent runs: one creates the study, once
+            storage = open_storage(cfg.storage, heartbeat)
+            study = open_study(cfg, prepared, baseline, log, storage)
         done = _count(study, COUNTED)
         log(
-            f"study {cfg.name!r}: {done}/{cfg.trials} trials done; baseline val accuracy "
+            f"study {cfg.name!r}: {counted_text(done, cfg.trials, 'done')}"
+            f"{'; nothing to run' if done >= cfg.trials else ''}; baseline val accuracy "
             f"{baseline.accuracy:.4f}, {baseline.macs:,} MACs, {baseline.params:,} params; "
             f"{len(prepared.space.layers)} layers searched, "
             f"{len(prepared.space.blocks)} shift blocks pruned"
         )
-        interrupted = False
-        if done < cfg.trials:
-            objective = Objective(cfg, prepared.space, baseline, prepared.splits)
-            interrupted = _optimize(study, objective, cfg, done, log)
-    return SearchResult(study, interrupted)
+        if done >= cfg.trials:
+            return SearchResult(study, interrupted=False)
+        objective = Objective(cfg, prepared.space, baseline, prepared.splits)
+        identity = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.device}
+        with _progress(cfg, done, log) as progress:
+            result = run_until_total(
+                study,
+                objective,
+                url=cfg.storage,
+                storage=storage,
+                total=cfg.trials,
+                heartbeat=heartbeat,
+                attrs={"worker": {**identity, "command": "search"}},
+                callbacks=[*study_callbacks(study, cfg), progress],
+                log=log,
+            )
+    if result.interrupted:
+        log("interrupted (the running trial is re-queued): writing the tables of the trials so far")
+    if result.stopped:
+        log(f"stopping: {result.stopped}")
+    return SearchResult(study, result.interrupted, result.stopped)

@@ -8,43 +8,38 @@ creates the study and stores on it the config, the study folder (holding the
 baseline checkpoint and the factor cache, so it must be shared by every node at the same
 path, or given with ``--folder``) and the baseline's measurements.
 
-Run until the total: under a lock shared by the study's processes
-(:func:`~autodecomp.search.storage.trial_start_lock`), a worker fails the trials whose heartbeat
-stopped (their parameters are re-queued), counts the COMPLETE + PRUNED and the RUNNING
-trials, and starts a trial only while their sum is below the total. It exits once COMPLETE
-+ PRUNED reach the total, and meanwhile waits for the last running trials, since one of
-them may still fail or lose its worker. So concurrent workers stop at exactly the total.
-Ctrl-C or SIGTERM (a SLURM time limit) fails the running trial and re-queues its
-parameters too. Each worker seeds its sampler from its ``index`` (TPE with
-``constant_liar``) and records host, pid, index, seed and device on its trials (user
-attribute ``worker``).
+A worker runs the loop every process of a study runs (:mod:`autodecomp.search.loop`, shared
+with ``autodecomp search``): exactly the total under the study's start lock, stale trials
+failed and re-queued, Ctrl-C or SIGTERM (a SLURM time limit) re-queueing the running trial.
+Each worker seeds its sampler from its ``index`` (TPE with ``constant_liar``) and records
+host, pid, index, seed and device on its trials (user attribute ``worker``).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudyConfig, config_from_dict
 from ..core.errors import ConfigError
 from .baseline import Baseline, cache_paths
-from .objective import CATCH, Objective
-from .storage import Heartbeat, check_storage, journal_path, open_storage, shown, trial_start_lock
-from .study import (
+from .loop import (
     COUNTED,
+    MAX_FAILURES_IN_A_ROW,
+    TooManyFailures,
+    counted_text,
+    run_trials,
+    run_until_total,
+)
+from .objective import Objective
+from .storage import Heartbeat, check_storage, journal_path, open_storage, shown
+from .study import (
     make_sampler,
     prepare_baseline,
     quiet_optuna,
@@ -63,14 +58,7 @@ __all__ = [
     "worker_config",
 ]
 
-MAX_FAILURES_IN_A_ROW = 5
 _SEED_STRIDE = 1_000_003  # worker k samples with seed: study seed + stride * (k + 1)
-
-Callback = Callable[[optuna.Study, FrozenTrial], None]
-
-
-class TooManyFailures(RuntimeError):
-    """This process's last trials all failed: something is wrong with it or the study."""
 
 
 @dataclass(frozen=True)
@@ -147,123 +135,6 @@ def _check_same_baseline(study: optuna.Study, baseline: Baseline) -> None:
         )
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def _one_trial(
-    study: optuna.Study,
-    objective: Callable[[optuna.Trial], Any],
-    held: ExitStack,
-    *,
-    catch: tuple[type[Exception], ...],
-    attrs: Mapping[str, Any],
-    callbacks: Sequence[Callback],
-    retry: Callback | None,
-) -> TrialState | None:
-    """Run one trial; ``held`` (the start lock) is released once the trial exists."""
-    started: list[optuna.Trial] = []
-    finished: list[TrialState] = []
-
-    def run(trial: optuna.Trial) -> Any:
-        started.append(trial)
-        held.close()
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return objective(trial)
-
-    def record(_study: optuna.Study, trial: FrozenTrial) -> None:
-        finished.append(trial.state)
-
-    try:
-        study.optimize(run, n_trials=1, catch=catch, callbacks=[*callbacks, record])
-    except UpdateFinishedTrialError:
-        return None  # failed as stale by another process meanwhile (and re-queued)
-    except KeyboardInterrupt:
-        if started and retry is not None:  # re-queue the interrupted trial's parameters
-            number = started[0].number
-            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-            if frozen.state == TrialState.FAIL:
-                retry(study, frozen)
-        raise
-    return finished[0] if finished else None
-
-
-def run_trials(
-    study: optuna.Study,
-    objective: Callable[[optuna.Trial], Any],
-    total: int,
-    start_lock: Callable[[], AbstractContextManager[None]],
-    *,
-    catch: tuple[type[Exception], ...] = (),
-    attrs: Mapping[str, Any] | None = None,
-    callbacks: Sequence[Callback] = (),
-    retry: Callback | None = None,
-    poll_s: float = 2.0,
-    max_failures: int = MAX_FAILURES_IN_A_ROW,
-) -> int:
-    """Run ``objective`` in trials of ``study`` until ``total`` of them are COMPLETE or PRUNED.
-
-    Args:
-        study: the shared study (its storage should have a heartbeat).
-        objective: the function of a trial, as for ``study.optimize``.
-        total: COMPLETE + PRUNED trials at which every process stops.
-        start_lock: makes the lock held while counting trials and starting one.
-        catch: exceptions that fail a trial without stopping the process.
-        attrs: user attributes set on each trial first.
-        callbacks: called with each finished trial.
-        retry: re-queues an interrupted trial (the storage's stale-trial callback).
-        poll_s: seconds between looks at the study while the last trials run elsewhere.
-        max_failures: stop (:class:`TooManyFailures`) after this many failures in a row.
-
-    Returns:
-        The number of trials this process finished.
-    """
-    ran = failures = 0
-    while True:
-        with ExitStack() as held:
-            held.enter_context(start_lock())
-            _fail_stale_trials(study)
-            active = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
-            if sum(t.state in COUNTED for t in active) >= total:
-                return ran
-            if len(active) < total:
-                state = _one_trial(
-                    study,
-                    objective,
-                    held,
-                    catch=catch,
-                    attrs=attrs or {},
-                    callbacks=callbacks,
-                    retry=retry,
-                )
-                ran += state is not None
-                failures = failures + 1 if state == TrialState.FAIL else 0
-                if failures >= max_failures:
-                    raise TooManyFailures(f"the last {failures} trials of this worker failed")
-                continue
-        time.sleep(poll_s)  # the last trials run elsewhere: one may fail or lose its worker
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch system's time limit or preemption) ends the worker like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
@@ -294,8 +165,6 @@ def run_worker(
     Raises:
         ConfigError: an unreachable storage, a missing study, folder or baseline.
     """
-    from sqlalchemy.exc import SQLAlchemyError
-
     heartbeat = heartbeat or Heartbeat()
     check_storage(url)
     journal = journal_path(url)
@@ -306,7 +175,7 @@ def run_worker(
         study = join_study(storage, url, study_name)
     cfg = worker_config(study, url, folder=folder, device=device, total=total)
     _check_baseline_files(cfg)
-    prepared, baseline = prepare_baseline(cfg, log)
+    prepared, baseline = prepare_baseline(cfg, log, may_train=False)
     _check_same_baseline(study, baseline)
 
     index = os.getpid() if index is None else index
@@ -324,44 +193,33 @@ def run_worker(
     log(
         f"worker {index} ({identity['host']} pid {identity['pid']}, {cfg.device}, sampler "
         f"seed {identity['seed']}) joined study {study_name!r} at {shown(url)}: "
-        f"{_counted(study)}/{cfg.trials} trials counted"
+        f"{counted_text(_counted(study), cfg.trials, 'counted')}"
     )
 
     def progress(_study: optuna.Study, trial: FrozenTrial) -> None:
         log(f"worker {index}: {trial_summary(trial, accuracy_index)}")
 
-    ran, interrupted, stopped = 0, False, None
-    try:
-        with (
-            quiet_optuna(),
-            shared_factor_cache(cfg.folder / "cache" / "factors"),
-            _sigterm_as_interrupt(),
-        ):
-            ran = run_trials(
-                study,
-                objective,
-                cfg.trials,
-                lambda: trial_start_lock(url, storage, study_name),
-                catch=CATCH,
-                attrs={"worker": identity},
-                callbacks=[*study_callbacks(study, cfg), progress],
-                retry=heartbeat.retry_callback(),
-                poll_s=min(5.0, heartbeat.interval),
-            )
-    except KeyboardInterrupt:
-        interrupted = True
+    with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
+        result = run_until_total(
+            study,
+            objective,
+            url=url,
+            storage=storage,
+            total=cfg.trials,
+            heartbeat=heartbeat,
+            attrs={"worker": identity},
+            callbacks=[*study_callbacks(study, cfg), progress],
+            log=lambda line: log(f"worker {index}: {line}"),
+        )
+    if result.interrupted:
         log(f"worker {index}: interrupted; its running trial is re-queued")
-    except TooManyFailures as err:
-        stopped = str(err)
-        log(f"worker {index}: stopping: {stopped}")
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"storage {shown(url)} failed: {first}") from None
+    if result.stopped:
+        log(f"worker {index}: stopping: {result.stopped}")
     counted = _counted(study)
     failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     log(
-        f"worker {index}: study {study_name!r} has {counted}/{cfg.trials} trials counted "
-        f"({failed} failed); this worker ran {ran}. Tables and plots: autodecomp report "
-        f"{url} --study-name {study_name}"
+        f"worker {index}: study {study_name!r} has {counted_text(counted, cfg.trials, 'counted')} "
+        f"({failed} failed); this worker ran {result.ran}. Tables and plots: "
+        f"autodecomp report {url} --study-name {study_name}"
     )
-    return WorkerResult(ran, counted, cfg.trials, interrupted, stopped)
+    return WorkerResult(result.ran, counted, cfg.trials, result.interrupted, result.stopped)

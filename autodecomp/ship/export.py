@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,32 @@ def _save_onnx(model: nn.Module, path: Path, meta: Mapping[str, Any]) -> Path:
 
     atomic_write(path, write)
     return path
+
+
+def _check_output(path: Path) -> None:
+    """The output file can be written, checked before any work (nothing is left behind).
+
+    Raises:
+        ConfigError: ``path`` is a directory, lies under a file, or its folder (or the
+            nearest existing folder above it) cannot be written.
+    """
+    if path.is_dir():
+        raise ConfigError(
+            f"-o {str(path)!r} is a directory; give a file path, e.g. {str(path / 'model.pt')!r}"
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # atomic_write creates the missing folders
+    if not folder.is_dir():
+        raise ConfigError(f"-o {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as err:
+        raise ConfigError(
+            f"-o {str(path)!r}: cannot write in {str(folder)!r} ({err.strerror or err})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 # ---- exporting a trial -------------------------------------------------------------------------
@@ -198,6 +225,8 @@ def export_trial(
     _check_format(fmt)
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    path = Path(output) if output else cfg.folder / "export" / f"trial-{trial}{FORMATS[fmt]}"
+    _check_output(path)
     study = read_study(cfg.storage, cfg.name)
     frozen = _trial(study, trial)
     _check_config(study, cfg)
@@ -207,7 +236,7 @@ def export_trial(
             f"baseline {str(cached)!r} is missing: export needs the baseline the search used"
         )
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log, may_train=False)
     plan = frozen.user_attrs["plan"]
     if frozen.user_attrs.get("over_budget"):
         log(f"note: trial {trial} is over the study's budget (the search did not train it)")
@@ -259,7 +288,6 @@ def export_trial(
         "versions": versions(),
     }
     meta = jsonable(meta)
-    path = Path(output) if output else cfg.folder / "export" / f"trial-{trial}{FORMATS[fmt]}"
     if fmt == "torch":
         save_model(model, path, meta)
     elif fmt == "torch-export":

@@ -120,17 +120,53 @@ def make_loader(
     )
 
 
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 def _user_data(name: str, options: dict[str, Any]) -> DataSplits:
+    """Call ``"package.module:callable"``; any failure is a one-line ``ValueError`` naming it."""
     module_name, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import data set {name!r}: {err}") from None
-    params = inspect.signature(fn).parameters.values()
+    except Exception as err:  # an import runs the module: it may raise anything
+        raise ValueError(f"cannot import data set {name!r}: {_one_line(err)}") from None
+    if not callable(fn):
+        raise ValueError(f"data set {name!r} is a {type(fn).__name__}, not a callable")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: pass everything
+        params = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         names = {p.name for p in params}
         options = {k: v for k, v in options.items() if k in names}
-    splits = fn(**options)
+    try:
+        splits = fn(**options)
+    except Exception as err:
+        raise ValueError(f"data set {name!r} raised {_one_line(err)}") from None
     if not isinstance(splits, DataSplits):
         raise ValueError(f"data set {name!r} returned {type(splits).__name__}, not DataSplits")
+    _check_splits(name, splits)
     return splits
+
+
+def _check_splits(name: str, splits: DataSplits) -> None:
+    """What the search relies on: a class count >= 2, a (C, H, W) shape, non-empty splits."""
+    n, shape = splits.num_classes, splits.input_shape
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"data set {name!r}: num_classes must be an integer >= 2, got {n!r}")
+    if not (
+        isinstance(shape, tuple | list)
+        and len(shape) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
+        raise ValueError(f"data set {name!r}: input_shape must be (C, H, W) ints, got {shape!r}")
+    for part in ("train", "val", "test"):
+        try:
+            size = len(getattr(splits, part))
+        except TypeError:
+            continue  # an iterable-style data set: its length is unknown
+        if size == 0:
+            raise ValueError(f"data set {name!r}: the {part} split is empty")

@@ -28,12 +28,44 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from ..core.errors import ConfigError
 from ..core.registry import Registry
 
-__all__ = ["DATASETS", "DataSet", "DataSplits", "stratified_split"]
+__all__ = ["DATASETS", "DataSet", "DataSplits", "UnreadableImageError", "stratified_split"]
 
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _LUMA = (0.299, 0.587, 0.114)
+
+
+class UnreadableImageError(ConfigError):
+    """An image file of a data set cannot be decoded; the message (one line) names the file.
+
+    Raised when a batch is loaded, which may be in a ``DataLoader`` worker: the worker's
+    exception reaches the main process re-raised as ``UnreadableImageError(text)`` with its
+    traceback in ``text``, so the one-line message is taken back from the traceback's end.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "\n" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
+        super().__init__(message)
+
+
+def _read_image(path: str) -> Any:
+    """The RGB image at ``path`` (torchvision's default loader), or a one-line error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except UnidentifiedImageError:
+        reason = "not an image format PIL can decode"
+    except Exception as err:  # PIL raises many types for truncated or huge files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise UnreadableImageError(
+        f"imagefolder: cannot read image {path}: {reason} (delete or replace the file)"
+    )
 
 
 @dataclass(frozen=True)
@@ -278,10 +310,11 @@ def _imagefolder(
     center = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
     eval_tf = _pipeline(center, channels, _IMAGENET_STATS, flip=False)
     try:
-        base = ImageFolder(str(path / "train"))
-        test = ImageFolder(str(path / "test"), transform=eval_tf)
+        folder = functools.partial(ImageFolder, loader=_read_image)
+        base = folder(str(path / "train"))
+        test = folder(str(path / "test"), transform=eval_tf)
         has_val = (path / "val").is_dir()
-        val = ImageFolder(str(path / "val"), transform=eval_tf) if has_val else None
+        val = folder(str(path / "val"), transform=eval_tf) if has_val else None
     except FileNotFoundError as err:
         raise ValueError(f"imagefolder under {path}: {err}") from None
     if val is not None:

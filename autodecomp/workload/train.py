@@ -110,6 +110,8 @@ def train_baseline(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:  # e.g. fewer samples than one batch with drop_last=True
+        raise ValueError("the training loader yields no batches: nothing would be trained")
     model.to(device).train()
     optimizer = _sgd(model.parameters(), lr, weight_decay)
     warmup = round(warmup_epochs * steps_per_epoch)

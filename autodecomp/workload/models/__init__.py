@@ -19,7 +19,7 @@ from torch import nn
 from ...core.registry import Registry
 from ._torchvision import build_torchvision
 
-__all__ = ["MODELS", "get_model", "model_names", "register_model"]
+__all__ = ["MODELS", "get_model", "is_builtin_model", "model_names", "register_model"]
 
 Builder = Callable[..., nn.Module]
 MODELS: Registry[Builder] = Registry("model")
@@ -39,6 +39,41 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def is_builtin_model(name: str) -> bool:
+    """Whether ``name`` is a registered model or a torchvision classification model: one that
+    :func:`get_model` builds without importing code named by the caller."""
+    return isinstance(name, str) and (name in MODELS or name in _torchvision_names())
+
+
+def _user_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """Build ``"package.module:callable"``; any failure is a one-line ``ValueError`` naming it."""
+    module_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:  # an import runs the module: it may raise anything
+        raise ValueError(f"cannot import model {name!r}: {_one_line(err)}") from None
+    if not callable(fn):
+        raise ValueError(f"model {name!r} is a {type(fn).__name__}, not a callable")
+    try:
+        if "in_channels" in inspect.signature(fn).parameters:
+            kwargs = {**kwargs, "in_channels": in_channels}
+    except (TypeError, ValueError):  # no introspectable signature (some builtins)
+        pass
+    try:
+        model = fn(num_classes=num_classes, **kwargs)
+    except Exception as err:
+        raise ValueError(f"model {name!r} raised {_one_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 def get_model(
     name: str, *, num_classes: int = 10, in_channels: int = 3, **kwargs: Any
 ) -> nn.Module:
@@ -50,18 +85,15 @@ def get_model(
         num_classes: size of the classifier output.
         in_channels: image channels (built-ins and torchvision ResNets adapt their stem).
         **kwargs: passed to the builder (e.g. ``expansion`` for shift ResNets).
+
+    Raises:
+        ValueError: an unknown name, or a ``"package.module:callable"`` that cannot be
+            imported, raises, or returns no ``nn.Module`` (one line naming it).
     """
     if name in MODELS:
         return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import model {name!r}: {err}") from None
-        if "in_channels" in inspect.signature(fn).parameters:
-            kwargs["in_channels"] = in_channels
-        return fn(num_classes=num_classes, **kwargs)
+        return _user_model(name, num_classes, in_channels, kwargs)
     tv = _torchvision_names()
     if name in tv:
         return build_torchvision(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
