@@ -3,17 +3,25 @@
 Each subcommand is one function decorated with :func:`command`: it adds its arguments to
 its parser and returns the handler ``run(args) -> exit status``. Invalid input ends with
 one line ``autodecomp: error: ...`` on stderr and exit status 2.
+
+Progress goes through :mod:`logging` (``autodecomp.*`` loggers): INFO lines on stdout,
+warnings and errors on stderr, ``--quiet`` / ``--verbose`` / ``--log-json`` set the level and
+format (:func:`~autodecomp.core.logs.console_logging`). Only the chosen subcommand's
+arguments are set up, so ``autodecomp --help`` imports neither torch nor pandas.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from .core.errors import ConfigError
+from .core.logs import console_logging
 from .core.registry import Registry
+from .core.version import __version__
 
 __all__ = ["command", "main"]
 
@@ -22,6 +30,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], Handler]]
 # Subcommands import what they run when they run (the top floor: nothing is dodged), so that
 # `autodecomp --help` loads no more than it must.
 _COMMANDS: Registry[Command] = Registry("command")
+_log = logging.getLogger(__name__)
 
 
 def command(name: str, help: str) -> Callable:
@@ -194,8 +203,57 @@ def _replay(parser: argparse.ArgumentParser) -> Handler:
 
         overrides = [] if args.storage is None else [f"storage={json.dumps(args.storage)}"]
         result = replay_trial(load_config(args.study, overrides), args.trial, device=args.device)
-        print(format_replay(result))
+        _log.info(format_replay(result))
         return 0 if result.equal else 1
+
+    return run
+
+
+@command("sensitivity", help="per-layer sensitivity: each layer option's error by ratio and MACs")
+def _sensitivity(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("study", help="path to studies/<name>/study.yaml (or its folder)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the study's)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set initial_design.grid=12 or device=cpu",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--out", "--output", dest="output", metavar="DIR",
+        help="output folder (default: <study folder>/report)",
+    )  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from .config import load_config
+        from .results.report import write_sensitivity
+        from .results.sensitivity import (
+            compute_scores,
+            most_sensitive,
+            sensitivity_frame,
+            study_if_any,
+        )
+
+        overrides = list(args.overrides)
+        if args.storage is not None:
+            overrides.append(f"storage={json.dumps(args.storage)}")
+        cfg = load_config(args.study, overrides)
+        frame = sensitivity_frame(compute_scores(cfg), study_if_any(cfg))
+        out = Path(args.output) if args.output else cfg.folder / "report"
+        try:
+            paths = write_sensitivity(frame, out, plot=not args.no_plots)
+        except OSError as err:  # e.g. a read-only study folder
+            raise ConfigError(
+                f"cannot write to {str(out)!r}: {err.strerror or err}; use --out DIR"
+            ) from None
+        scored = frame[frame["method"] != "keep"]
+        _log.info(
+            f"sensitivity of {frame['layer'].nunique()} layers: {len(scored)} options scored by "
+            f"{frame['score'].iloc[0]} error; most sensitive: {most_sensitive(frame)}"
+        )
+        _log.info(f"wrote {', '.join(p.name for p in paths)} to {out}")
+        return 0
 
     return run
 
@@ -232,27 +290,62 @@ def _methods(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
+def _output_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """``--quiet`` / ``--verbose`` / ``--log-json``: before the subcommand or after it."""
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument(
+        "--quiet", action="store_true", default=default, help="print warnings and errors only"
+    )
+    level.add_argument(
+        "--verbose", action="store_true", default=default, help="print debug lines too"
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=default,
+        help="log one JSON object per line: time, level, logger, message (and worker)",
+    )
+
+
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``: the first word that is not an option (the options
+    before a subcommand take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand; with ``command``, only that
+    subcommand's arguments are set up (another's set-up may import torch or pandas)."""
     parser = argparse.ArgumentParser(
         prog="autodecomp",
         description="Per-layer search over tensor decompositions for trained PyTorch CNNs.",
     )
+    parser.add_argument("--version", action="version", version=f"autodecomp {__version__}")
+    _output_options(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, fn) in _COMMANDS.in_order():
         sub = subparsers.add_parser(name, help=text, description=text)
-        sub.set_defaults(run=fn(sub))
+        if command is None or name == command:
+            _output_options(sub, default=argparse.SUPPRESS)
+            sub.set_defaults(run=fn(sub))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autodecomp`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConfigError as err:
-        print(f"autodecomp: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("autodecomp: interrupted", file=sys.stderr)
-        return 130
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen(argv) or "")  # no subcommand (--help): none set up
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose exclude each other")
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    with console_logging(level, json_lines=args.log_json):
+        _log.debug("autodecomp %s: %s", __version__, " ".join(argv))
+        try:
+            return args.run(args)
+        except ConfigError as err:
+            _log.error("autodecomp: error: %s", err)
+            return 2
+        except KeyboardInterrupt:
+            _log.error("autodecomp: interrupted")
+            return 130

@@ -1,27 +1,45 @@
-"""CP solver benchmark: autodecomp's torch CP-ALS against tensorly's parafac.
+"""CP solver benchmark: autodecomp's torch CP-ALS against tensorly's parafac on both backends.
 
-Decomposes a conv-shaped kernel (default 256x256x3x3 at rank 64) with both solvers under the
-same sweep cap and tolerance, from an SVD initialisation, and prints wall time, relative
-error and the speed ratio, for a "trained-like" kernel (seeded low-rank signal with a
-decaying spectrum plus 10 % noise) and for an i.i.d. Gaussian kernel:
+For a few conv-layer shapes (CP rank from ``--ratio`` as the search picks it, or ``--rank``)
+it runs:
+
+* tensorly ``parafac`` on the numpy backend and on the pytorch backend (plain ALS, as
+  ``solver="tensorly"`` runs it),
+* autodecomp ``cp_als`` as plain ALS (no line search, no rescue: the same algorithm),
+* autodecomp ``cp_als`` with its defaults (Bro's line search; the rescue of small problems),
+
+each for at most ``--cap`` sweeps with the tolerance switched off, and records the relative
+error after every sweep (tensorly's ``callback``, cp_als's ``callback``). Two comparisons
+are read off those trajectories:
+
+* **equal sweeps**: time and error after ``--sweeps`` sweeps;
+* **equal error**: sweeps and time each solver needs to reach the worst error any solver
+  has after ``--sweeps`` sweeps (all reach it), and the best one ("-": not within
+  ``--cap`` sweeps). ALS is deterministic, so a run's first sweeps are the same whatever
+  its cap.
+
+Each solver starts from its own SVD initialisation: where the rank exceeds a mode's size
+(the kh and kw modes) the extra columns are random, drawn differently by each.
+
+The kernels are "trained-like": a seeded low-rank signal with decaying weights plus 10 %
+noise (no trained weights can be downloaded here). Every solver gets the same thread count
+(``--threads``, default 1). Defaults take about a minute on one core::
 
     python bench/cp_solver.py
-    python bench/cp_solver.py --seeds 0 1 2 --kernels trained-like
-    python bench/cp_solver.py --shape 128 128 3 3 --rank 32 --iters 50 --threads 2
+    python bench/cp_solver.py --layers 64x64x3x3 128x128x3x3 --ratio 0.25 --sweeps 50 --cap 100
+    python bench/cp_solver.py --layers 256x256x3x3 --rank 64 --sweeps 100 --cap 100
+    python bench/cp_solver.py --markdown      # the tables of docs/tensorly.md
+    python bench/cp_solver.py --methods --layers 32x32x3x3 64x64x3x3 --markdown
 
-tensorly runs on its numpy backend with ``init='svd'`` and its default ``abs_rec_error``
-criterion (stop when ``|error decrease| < tol``); cp_als stops when the decrease is below
-``tol x error``, which is the stricter of the two for errors below 1. Both get the same
-BLAS thread count (``--threads``, default 1). The "plain ALS" row switches off cp_als's line
-search and its rescue of small problems (rank * sum of the mode sizes <= 1000, where the
-default also tries Levenberg-Marquardt and two random restarts after ALS, at a cost). With
-the defaults (one seed) the script takes about 1.5 minutes on one core, nearly all of it in
-tensorly.
+``--methods`` is the cross-check of every method: each layer (the same kernel in float32)
+is decomposed at ``--ratio`` by ``solver="autodecomp"`` and ``solver="tensorly"`` with the
+methods' default options and a fresh factor cache, and the kernel error and time printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -29,40 +47,58 @@ import warnings
 
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs="+", default=[256, 256, 3, 3])
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--iters", type=int, default=100, help="sweep cap for both solvers")
-    parser.add_argument("--tol", type=float, default=1e-8, help="tolerance for both solvers")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="kernel and init seeds")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads for both")
     parser.add_argument(
-        "--kernels",
+        "--layers",
         nargs="+",
-        default=["trained-like", "random"],
-        choices=["trained-like", "random"],
+        default=["32x32x3x3", "64x64x3x3", "128x64x3x3", "128x128x3x3"],
+        help="kernel shapes FxCxkhxkw",
     )
-    return parser.parse_args()
+    parser.add_argument("--ratio", type=float, default=0.25, help="CP rank from this ratio")
+    parser.add_argument("--rank", type=int, default=None, help="CP rank (instead of --ratio)")
+    parser.add_argument("--sweeps", type=int, default=25, help="the equal-sweeps point")
+    parser.add_argument("--cap", type=int, default=100, help="sweeps run by every solver")
+    parser.add_argument("--seed", type=int, default=0, help="kernel seed")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS / torch threads for all")
+    parser.add_argument(
+        "--backends", nargs="+", default=["numpy", "pytorch"], choices=["numpy", "pytorch"]
+    )
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument(
+        "--methods",
+        action="store_true",
+        help="instead: decompose the layers with every method by both solvers "
+        "(ad.decompose_conv(..., solver=...)) and compare error and time",
+    )
+    args = parser.parse_args()
+    if args.sweeps > args.cap:
+        parser.error("--sweeps must be <= --cap")
+    return args
 
 
 ARGS = _args()
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(ARGS.threads)  # before numpy / torch load their BLAS
 
-import numpy as np  # noqa: E402
 import tensorly as tl  # noqa: E402
 import torch  # noqa: E402
 from tensorly.decomposition import parafac  # noqa: E402
+from torch import nn  # noqa: E402
 
+import autodecomp as ad  # noqa: E402
+from autodecomp.decompositions import SOLVERS, ConvSpec, get_method  # noqa: E402
+from autodecomp.factorize.cache import FactorCache  # noqa: E402
 from autodecomp.factorize.cp_als import cp_als, cp_to_tensor  # noqa: E402
 
 # tensorly's SVD init warns for every mode smaller than the rank (it pads with random columns)
 warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
 
+Trajectory = list[tuple[float, float]]  # (seconds since start, relative error) per sweep
 
-def trained_like(shape: list[int], seed: int) -> torch.Tensor:
+
+def trained_like(shape: tuple[int, ...], rank: int, seed: int) -> torch.Tensor:
     """A seeded rank-(4 x rank) signal with exponentially decaying weights plus 10 % noise."""
     gen = torch.Generator().manual_seed(seed)
-    terms = 4 * ARGS.rank
+    terms = 4 * rank
     factors = [torch.randn(s, terms, generator=gen, dtype=torch.float64) for s in shape]
     weights = torch.exp(-torch.arange(terms, dtype=torch.float64) / (terms / 8))
     signal = cp_to_tensor(weights, factors)
@@ -70,78 +106,140 @@ def trained_like(shape: list[int], seed: int) -> torch.Tensor:
     return signal / signal.norm() + 0.1 * noise / noise.norm()
 
 
-def random_kernel(shape: list[int], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float64)
+def run_tensorly(kernel: torch.Tensor, rank: int, backend: str) -> Trajectory:
+    trajectory: Trajectory = []
+    with tl.backend_context(backend):
+        tensor = tl.tensor(kernel.numpy()) if backend == "numpy" else kernel.clone()
+        start = time.perf_counter()
+
+        def record(_cp, error) -> None:
+            trajectory.append((time.perf_counter() - start, float(error)))
+
+        # return_errors: without it (or tol > 0) tensorly computes no error for the callback
+        options = {"n_iter_max": ARGS.cap, "init": "svd", "tol": 0, "return_errors": True}
+        options["random_state"] = ARGS.seed
+        parafac(tensor, rank, callback=record, **options)
+    return trajectory[1:]  # the first call reports the initialisation
 
 
-def run_tensorly(kernel: torch.Tensor, seed: int) -> tuple[float, float, int]:
-    tl.set_backend("numpy")
-    array = kernel.numpy()
+def run_ours(kernel: torch.Tensor, rank: int, plain: bool) -> Trajectory:
+    trajectory: Trajectory = []
     start = time.perf_counter()
-    cp, errors = parafac(
-        array,
-        ARGS.rank,
-        n_iter_max=ARGS.iters,
-        init="svd",
-        tol=ARGS.tol,
-        random_state=seed,
-        return_errors=True,
-    )
-    elapsed = time.perf_counter() - start
-    recon = tl.cp_to_tensor(cp)
-    return elapsed, float(np.linalg.norm(recon - array) / np.linalg.norm(array)), len(errors)
 
+    def record(_sweep: int, error: float) -> None:
+        trajectory.append((time.perf_counter() - start, error))
 
-def run_ours(kernel: torch.Tensor, seed: int, plain: bool) -> tuple[float, float]:
-    start = time.perf_counter()
     extras = {"linesearch": False, "rescue": False} if plain else {}
-    weights, factors, _ = cp_als(
-        kernel, ARGS.rank, max_iter=ARGS.iters, tol=ARGS.tol, seed=seed, **extras
-    )
-    elapsed = time.perf_counter() - start
-    err = float((cp_to_tensor(weights, factors) - kernel).norm() / kernel.norm())
-    return elapsed, err
+    cp_als(kernel, rank, max_iter=ARGS.cap, tol=0.0, callback=record, **extras)
+    return trajectory
+
+
+def first_reaching(trajectory: Trajectory, target: float) -> tuple[int, float] | None:
+    for sweep, (seconds, error) in enumerate(trajectory, start=1):
+        if error <= target * (1 + 1e-12):
+            return sweep, seconds
+    return None
+
+
+def compare_methods() -> None:
+    """Every method with a tensorly solver, by both solvers, on the layers at ``--ratio``."""
+    print(f"every method by both solvers at ratio {ARGS.ratio}, {ARGS.threads} thread(s)")
+    columns = ["layer", "method", "rank", "solver", "rel. kernel error", "time [s]"]
+    table = []
+    for layer in ARGS.layers:
+        shape = tuple(int(n) for n in layer.split("x"))
+        conv = nn.Conv2d(shape[1], shape[0], shape[2:], padding="same")
+        spec = ConvSpec.from_conv(conv)
+        rank = get_method("cp").rank_for_ratio(spec, ARGS.ratio)
+        with torch.no_grad():
+            conv.weight.copy_(trained_like(shape, rank, ARGS.seed))
+        for method in ad.methods():
+            cls = get_method(method)
+            if cls.tensorly_solver is None or cls.unsupported_reason(spec) is not None:
+                continue
+            for solver in SOLVERS:
+                start = time.perf_counter()
+                layer_ = ad.decompose_conv(
+                    conv, method, ratio=ARGS.ratio, solver=solver, cache=FactorCache()
+                )
+                seconds = time.perf_counter() - start
+                with torch.no_grad():
+                    diff = layer_.dense_weight() - conv.weight
+                    err = float(diff.norm() / conv.weight.norm())
+                name = solver if solver == "autodecomp" else f"tensorly {cls.tensorly_solver}"
+                rank_ = json.dumps(layer_.rank, separators=(",", ":"))
+                table.append([layer, method, rank_, name, f"{err:.5f}", f"{seconds:.3f}"])
+    print_table(columns, table)
 
 
 def main() -> None:
     torch.set_num_threads(ARGS.threads)
-    shape = "x".join(map(str, ARGS.shape))
+    if ARGS.methods:
+        compare_methods()
+        return
     print(
-        f"CP of a {shape} kernel at rank {ARGS.rank}: sweep cap {ARGS.iters}, tol {ARGS.tol:g}, "
-        f"{ARGS.threads} BLAS thread(s)"
+        f"CP solvers, {ARGS.threads} thread(s), rank from ratio {ARGS.ratio}: equal sweeps at "
+        f"{ARGS.sweeps}; equal error = the worst / best error after {ARGS.sweeps} sweeps, "
+        f"reached within {ARGS.cap}"
     )
-    header = (
-        f"{'kernel':<13} {'seed':>4}  {'solver':<35} {'sweeps':>6} {'time [s]':>9} "
-        f"{'rel. error':>11}"
-    )
-    row = "{:<13} {:>4}  {:<35} {:>6} {:>9.2f} {:>11.6f}"
-    print(header)
-    print("-" * len(header))
-    results: dict[str, list[tuple[float, ...]]] = {name: [] for name in ARGS.kernels}
-    for seed in ARGS.seeds:
-        for name in ARGS.kernels:
-            make = trained_like if name == "trained-like" else random_kernel
-            kernel = make(ARGS.shape, seed)
-            t_tl, e_tl, n_tl = run_tensorly(kernel, seed)
-            print(row.format(name, seed, "tensorly parafac (numpy, svd init)", n_tl, t_tl, e_tl))
-            t_plain, e_plain = run_ours(kernel, seed, plain=True)
-            print(row.format(name, seed, "autodecomp cp_als, plain ALS", "<=cap", t_plain, e_plain))
-            t_ours, e_ours = run_ours(kernel, seed, plain=False)
-            print(row.format(name, seed, "autodecomp cp_als (default)", "<=cap", t_ours, e_ours))
-            results[name].append((t_tl, e_tl, t_plain, e_plain, t_ours, e_ours))
-    print()
-    for name, runs in results.items():
-        t_tl, e_tl, t_plain, e_plain, t_ours, e_ours = (sum(col) for col in zip(*runs, strict=True))
-        n = len(runs)
-        no_worse = sum(r[5] <= r[1] for r in runs)
-        no_worse_plain = sum(r[3] <= r[1] for r in runs)
-        print(
-            f"{name}: cp_als {t_tl / t_ours:.1f}x faster than tensorly (plain ALS "
-            f"{t_tl / t_plain:.1f}x); mean rel. error {e_ours / n:.6f} vs {e_tl / n:.6f} "
-            f"(plain ALS {e_plain / n:.6f}); error no worse on {no_worse}/{n} seeds "
-            f"(plain ALS {no_worse_plain}/{n})"
-        )
+    rows = []
+    for layer in ARGS.layers:
+        shape = tuple(int(n) for n in layer.split("x"))
+        spec = ConvSpec(shape[1], shape[0], (shape[2], shape[3]))
+        rank = ARGS.rank or get_method("cp").rank_for_ratio(spec, ARGS.ratio)
+        kernel = trained_like(shape, rank, ARGS.seed)
+        runs: dict[str, Trajectory] = {}
+        for backend in ARGS.backends:
+            runs[f"tensorly parafac ({backend})"] = run_tensorly(kernel, rank, backend)
+        runs["autodecomp cp_als, plain ALS"] = run_ours(kernel, rank, plain=True)
+        runs["autodecomp cp_als (default)"] = run_ours(kernel, rank, plain=False)
+        at_n = {name: t[min(ARGS.sweeps, len(t)) - 1] for name, t in runs.items()}
+        worst = max(error for _, error in at_n.values())
+        best = min(error for _, error in at_n.values())
+        for name, trajectory in runs.items():
+            seconds, error = at_n[name]
+            reached = [first_reaching(trajectory, target) for target in (worst, best)]
+            rows.append(
+                (layer, rank, name, seconds, error, trajectory[-1][1], worst, best, reached)
+            )
+    show(rows)
+
+
+def show(rows) -> None:
+    n, cap = ARGS.sweeps, ARGS.cap
+    columns = ["layer", "rank", "solver", f"time @{n} sweeps [s]", f"rel. error @{n}"]
+    columns += [f"rel. error @{cap}", f"worst / best error @{n}"]
+    columns += ["to worst: sweeps, s", "to best: sweeps, s"]
+    table = []
+    for layer, rank, name, seconds, error, last, worst, best, reached in rows:
+        cells = [layer, str(rank), name, f"{seconds:.3f}", f"{error:.5f}", f"{last:.5f}"]
+        cells.append(f"{worst:.5f} / {best:.5f}")
+        cells += ["-" if r is None else f"{r[0]}, {r[1]:.3f}" for r in reached]
+        table.append(cells)
+    print_table(columns, table)
+
+
+def _cell(text: str, width: int) -> str:
+    """Numbers right-aligned, text left-aligned."""
+    try:
+        float(text.split(",")[0])
+    except ValueError:
+        return text.ljust(width)
+    return text.rjust(width)
+
+
+def print_table(columns: list[str], table: list[list[str]]) -> None:
+    if ARGS.markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in table:
+            print("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(r[i]) for r in [columns, *table]) for i in range(len(columns))]
+    for k, row in enumerate([columns, *table]):
+        print("  ".join(_cell(c, w) for c, w in zip(row, widths, strict=True)))
+        if k == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
 
 
 if __name__ == "__main__":

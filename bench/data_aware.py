@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import statistics
 import time
 
@@ -99,6 +100,7 @@ def run_method(method: str, ctx: dict, args: argparse.Namespace) -> dict | None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the package's progress lines
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", help="study.yaml whose baseline, data and proxy are used")
     parser.add_argument("--ratio", type=float, default=0.25)

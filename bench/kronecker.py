@@ -16,6 +16,7 @@ Methods default to gkpd, sekron, tucker and whichever of cp, tt, tr are register
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -59,7 +60,7 @@ def _trained(model: nn.Module, epochs: int, batch: int, seed: int) -> torch.Tens
 
     data = load_data("digits", image_size=32, channels=3, seed=seed)
     loader = make_loader(data.train, batch_size=128, shuffle=True, seed=seed)
-    train_baseline(model, loader, epochs=epochs, lr=0.05, log=print)
+    train_baseline(model, loader, epochs=epochs, lr=0.05)
     test = make_loader(data.test, batch_size=batch, shuffle=False)
     print(f"digits test accuracy: {evaluate(model.eval(), test)}")
     return next(iter(test))[0]
@@ -102,6 +103,7 @@ def bench_layer(conv: nn.Conv2d, method: str, ratio: float, x: torch.Tensor, rep
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the package's progress lines
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--methods", nargs="*", default=None)

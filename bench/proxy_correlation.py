@@ -94,7 +94,7 @@ def main() -> None:
     )
     long = dataclasses.replace(short, proxy=dataclasses.replace(short.proxy, steps=args.long_steps))
     prepared = prepare(short)
-    baseline = load_baseline(short, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(short, prepared.model, prepared.splits)
 
     start = time.perf_counter()
     study = _study(short, baseline, make_sampler(short.sampler))

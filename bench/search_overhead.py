@@ -49,7 +49,7 @@ def _run(study_yaml: str, trials: int | None, overrides: list[str]):
 
         torch.set_num_threads(cfg.threads)
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     created = time.perf_counter()
     study = open_study(cfg, prepared, baseline)  # builds the allocation ladder, if configured

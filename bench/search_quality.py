@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,6 +202,7 @@ def _verdict(frame: pd.DataFrame, column: str, what: str) -> list[str]:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the package's progress lines
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="studies/digits/study.yaml")
     parser.add_argument("--trials", type=int, default=20)
@@ -251,7 +253,7 @@ def _run(args: argparse.Namespace) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = load_config(args.study, args.overrides)
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     space = prepared.space
     offered = list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
     methods = offered if args.uniform is None else args.uniform
@@ -261,7 +263,7 @@ def _run(args: argparse.Namespace) -> None:
     design_start = time.perf_counter()
     searched = any(name != "random" for name in args.samplers) and plans > 0
     rungs = (
-        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid, print)
+        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
         if searched
         else []
     )

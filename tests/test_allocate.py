@@ -15,7 +15,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import FixedTrial
-from tiny_study import make_study
+from tiny_study import logged, make_study
 
 from autodecomp.cli import main
 from autodecomp.compress.surgery import apply_plan
@@ -106,7 +106,7 @@ def template(tmp_path_factory) -> Path:
 def test_allocation_ladder_fits_the_budget_cheapest_first(template):
     cfg = load_config(template / "study.yaml")
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
     assert rungs == allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
     assert len(rungs) >= 5
@@ -136,7 +136,7 @@ def test_allocation_ladder_fits_the_budget_cheapest_first(template):
 def test_layer_options_score_layer_or_network_errors(template, score):
     cfg = load_config(template / "study.yaml")
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     model, space = baseline.model, prepared.space
     cost = PlanCost(model, baseline.input_shape, space.names)
     inputs = calibration_batch(prepared.splits.train, 32, cfg.seed)
@@ -289,9 +289,9 @@ def test_uniform_error_interpolates_summed_errors_in_log_macs():
 def test_allocation_ladder_adds_uniform_tracks(template):
     cfg = load_config(template / "study.yaml", ["initial_design.tracks=2"])
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
-    lines: list[str] = []
-    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5, lines.append)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
+    with logged() as lines:
+        rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
     tracks = list(dict.fromkeys(rung.track for rung in rungs))
     assert tracks[0] == "front" and sorted(tracks[1:]) == ["tt", "tucker"]
     assert f"uniform tracks {', '.join(tracks[1:])}" in lines[0]
@@ -313,13 +313,13 @@ def test_a_non_finite_kernel_fails_its_options_and_trials_not_the_study(template
     crashing, and a trial whose plan decomposes conv3 FAILS with the reason; the next runs."""
     cfg = load_config(template / "study.yaml", ["proxy.calibration_size=0"])
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     broken = copy.deepcopy(baseline.model)
     with torch.no_grad():
         broken.conv3.weight[0, 0, 0, 0] = math.nan
     baseline = dataclasses.replace(baseline, model=broken)
-    lines: list[str] = []
-    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 3, log=lines.append)
+    with logged() as lines:
+        rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 3)
     assert rungs and all(rung.params["conv3/method"] == "keep" for rung in rungs)
     assert any("conv2/method" in r.params and r.params["conv2/method"] != "keep" for r in rungs)
     left_out = next(line for line in lines if "left out" in line)

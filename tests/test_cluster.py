@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -290,7 +291,7 @@ def test_baseline_is_trained_once_by_concurrent_processes(tmp_path, monkeypatch)
 
     def load() -> None:
         model = get_model("digits_cnn", num_classes=10, in_channels=1)  # a fresh one each
-        results.append(load_baseline(cfg, model, prepared.splits, log=lambda line: None))
+        results.append(load_baseline(cfg, model, prepared.splits))
 
     threads = [threading.Thread(target=load) for _ in range(2)]
     for thread in threads:
@@ -380,3 +381,26 @@ def test_worker_bad_storage_or_study_exits_2_and_leaves_the_study(template, tmp_
     for path in (moved / "cache").glob("baseline-*.pt"):
         path.unlink()
     _fails(capsys, [*worker, url, "--folder", str(moved)], "baseline file", "--folder")
+
+
+def test_worker_lines_carry_time_and_index_as_text_or_json_and_quiet_hides_them(
+    template, tmp_path, capsys
+):
+    folder = tmp_path / "tiny"
+    shutil.copytree(template, folder)
+    url = f"journal:///{folder / 'study.journal'}"
+    assert main(["create", str(folder / "study.yaml"), "--storage", url]) == 0
+    capsys.readouterr()
+    worker = ["worker", "--study", "tiny", "--storage", url, "--index", "7", "--trials-total", "1"]
+    assert main(worker) == 0  # joins, runs one trial, says the study's count
+    lines = capsys.readouterr().out.splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d worker 7: "
+    assert len(lines) >= 3 and all(re.match(stamp, line) for line in lines), lines
+    assert any(re.match(stamp + r"trial +\d+ .*MACs ÷ [\d.]+ params ÷ ", line) for line in lines)
+    assert main(["--log-json", *worker]) == 0  # the total is reached: joins and leaves
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) >= 2
+    for record in records:
+        assert {"time", "level", "logger", "message"} <= set(record) and record["worker"] == 7
+    assert main([*worker, "--quiet"]) == 0
+    assert capsys.readouterr().out == ""

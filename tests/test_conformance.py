@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import tensorly as tl
 import torch
 import torch.nn.functional as F
+from tensorly.cp_tensor import CPTensor
+from tensorly.tr_tensor import TRTensor
+from tensorly.tt_tensor import TTTensor
+from tensorly.tucker_tensor import TuckerTensor
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -209,3 +214,53 @@ def test_non_finite_kernel_is_a_decomposition_error(method, bad, capfd):
     with pytest.raises(ad.DecompositionError, match="bias with non-finite"):
         ad.decompose_conv(finite, method, ratio=0.4)
     assert "DLASCL" not in capfd.readouterr().err
+
+
+# tensorly's own reconstruction of each factorized-tensor type a layer may give ([K])
+TENSORLY_RECONSTRUCTION = {
+    CPTensor: tl.cp_to_tensor,
+    TuckerTensor: tl.tucker_to_tensor,
+    TTTensor: tl.tt_to_tensor,
+    TRTensor: tl.tr_to_tensor,
+}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "pytorch"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_tensorly_reconstruction_is_the_dense_weight(method, geom, backend):
+    """``to_tensorly()`` rebuilt by tensorly (``tl.cp_to_tensor`` etc., on either backend) and
+    mapped by ``kernel_from_tensorly`` is ``dense_weight()``."""
+    conv = make_conv(geom)
+    supported_or_skip(method, ConvSpec.from_conv(conv))
+    layer = ad.decompose_conv(conv, method, ratio=0.4)
+    with tl.backend_context(backend):
+        try:
+            factorized = layer.to_tensorly()
+        except NotImplementedError:
+            pytest.skip(f"{method} has no tensorly form")
+        rebuild = TENSORLY_RECONSTRUCTION.get(type(factorized))
+        assert rebuild is not None, f"{method}: {type(factorized).__name__} is no tensorly type"
+        full = rebuild(factorized)
+        assert tl.is_tensor(full)
+    kernel = layer.kernel_from_tensorly(full)
+    dense = layer.dense_weight().detach()
+    assert kernel.shape == dense.shape == conv.weight.shape
+    err = float((kernel.to(dense) - dense).norm() / dense.norm())
+    assert err < 1e-6, f"{method}: tensorly reconstruction differs by {err:.2e}"
+
+
+def test_builtin_methods_have_their_tensorly_form():
+    conv = make_conv(GEOMETRIES[0])
+    expected = {
+        "cp": CPTensor,
+        "pdp": CPTensor,
+        "shift": CPTensor,
+        "tucker": TuckerTensor,
+        "tt": TTTensor,
+        "gkpd": TTTensor,
+        "sekron": TTTensor,
+        "tr": TRTensor,
+    }
+    for method, kind in expected.items():
+        assert type(ad.decompose_conv(conv, method, ratio=0.4).to_tensorly()) is kind, method

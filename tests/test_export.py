@@ -14,6 +14,7 @@ from tiny_study import make_study
 import autodecomp as ad
 from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
+from autodecomp.core.logs import console_logging
 from autodecomp.results import report
 from autodecomp.ship import export, model_file
 from autodecomp.workload.models import get_model
@@ -42,10 +43,6 @@ STUDY = {
 SHAPE = (1, 8, 8)
 
 
-def _quiet(_line: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
     """A finished tiny study (3 trials: shift, gkpd, tucker) with its cached baseline."""
@@ -55,7 +52,7 @@ def searched(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(searched, tmp_path_factory):
     cfg, out = load_config(searched), tmp_path_factory.mktemp("models")
-    return [export.export_trial(cfg, n, out / f"t{n}.pt", log=_quiet) for n in range(3)]
+    return [export.export_trial(cfg, n, out / f"t{n}.pt") for n in range(3)]
 
 
 def _x() -> torch.Tensor:
@@ -180,9 +177,7 @@ def test_save_and_load_every_method(tmp_path):
 
 
 def test_torch_export_format(searched, tmp_path):
-    result = export.export_trial(
-        load_config(searched), 2, tmp_path / "m.pt2", fmt="torch-export", log=_quiet
-    )
+    result = export.export_trial(load_config(searched), 2, tmp_path / "m.pt2", fmt="torch-export")
     extra = {"autodecomp.json": ""}
     program = torch.export.load(result.path, extra_files=extra)
     with torch.no_grad():
@@ -205,9 +200,7 @@ def test_onnx_without_its_packages_is_a_clear_error(searched, tmp_path, monkeypa
 def test_onnx_format(searched, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    result = export.export_trial(
-        load_config(searched), 0, tmp_path / "m.onnx", fmt="onnx", log=_quiet
-    )
+    result = export.export_trial(load_config(searched), 0, tmp_path / "m.onnx", fmt="onnx")
     proto = onnx.load(result.path)
     onnx.checker.check_model(proto)
     meta = json.loads({e.key: e.value for e in proto.metadata_props}["autodecomp"])
@@ -216,7 +209,7 @@ def test_onnx_format(searched, tmp_path):
 
 def test_fine_tune_epochs(searched, tmp_path):
     result = export.export_trial(
-        load_config(searched), 1, tmp_path / "m.pt", finetune_epochs=1, lr=0.02, log=_quiet
+        load_config(searched), 1, tmp_path / "m.pt", finetune_epochs=1, lr=0.02
     )
     finetune = result.meta["source"]["finetune"]
     assert finetune["proxy_steps"] == 4 and finetune["epochs"] == 1 and finetune["lr"] == 0.02
@@ -239,6 +232,7 @@ def test_cli(searched, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     run = export.configure_parser(parser)
     out = tmp_path / "cli.pt"
-    assert run(parser.parse_args([str(searched), "--trial", "2", "-o", str(out)])) == 0
+    with console_logging():  # the lines `autodecomp export` prints
+        assert run(parser.parse_args([str(searched), "--trial", "2", "-o", str(out)])) == 0
     assert f"wrote {out}: test accuracy" in capsys.readouterr().out
     assert model_file.read_metadata(out)["source"]["trial"] == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny_study import make_study
+from tiny_study import logged, make_study
 from torch.utils.data import DataLoader, TensorDataset
 
 from autodecomp.config import load_config
@@ -36,8 +36,8 @@ STUDY = {
 def _baseline(path: Path, **kwargs):
     cfg = load_config(path)
     prepared = prepare(cfg)
-    lines: list[str] = []
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lines.append, **kwargs)
+    with logged() as lines:
+        baseline = load_baseline(cfg, prepared.model, prepared.splits, **kwargs)
     return cfg, baseline, lines
 
 
@@ -132,8 +132,8 @@ def test_a_training_split_smaller_than_a_batch_still_trains(tmp_path):
     cfg = load_config(study)
     prepared = prepare(cfg)
     before = {k: v.clone() for k, v in prepared.model.state_dict().items()}
-    lines: list[str] = []
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lines.append)
+    with logged() as lines:
+        baseline = load_baseline(cfg, prepared.model, prepared.splits)
     losses = [line for line in lines if line.startswith("epoch ")]
     assert len(losses) == 2 and all("loss 0.0000" not in line for line in losses)
     after = baseline.model.state_dict()

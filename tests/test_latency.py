@@ -14,6 +14,7 @@ from torch import nn
 
 from autodecomp.config import LatencyConfig, load_config
 from autodecomp.core.errors import ConfigError
+from autodecomp.core.optuna_compat import constraints
 from autodecomp.decompositions import DecomposedConv
 from autodecomp.measure.latency import LatencyMeter, measure_latency, structure_key
 from autodecomp.results.report import hypervolume
@@ -137,7 +138,7 @@ def tiny(tmp_path_factory):
     (folder / "study.yaml").write_text(yaml.safe_dump(TINY))
     cfg = load_config(folder / "study.yaml")
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     return folder / "study.yaml", prepared, baseline
 
 
@@ -171,7 +172,7 @@ def test_latency_objective_and_budget(tiny, limit, feasible):
     assert study.user_attrs["baseline_latency_ms"] == {"cpu": 1.0}
     assert first.values[2] == second.values[2] == 2.0
     assert first.user_attrs["latency_ms"] == {"cpu": 2.0}
-    assert first.constraints["latency"] == pytest.approx(2.0 / limit - 1.0)
+    assert constraints(first)["latency"] == pytest.approx(2.0 / limit - 1.0)
     assert first.user_attrs["over_budget"] is not feasible
     assert ("distill" in first.user_attrs["seconds"]) is feasible
     assert list(trials_frame(study).latency_cpu_ms) == [2.0, 2.0]

@@ -32,7 +32,7 @@ def legacy(tmp_path: Path) -> Path:
 
 
 def _front(folder: Path) -> list[tuple]:
-    front = pd.read_csv(folder / "report" / "pareto.csv")
+    front = pd.read_csv(folder / "report" / "pareto.csv", float_precision="round_trip")
     return [
         (int(r.number), float(r.accuracy), int(r.macs), int(r.params)) for r in front.itertuples()
     ]

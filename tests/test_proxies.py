@@ -233,7 +233,7 @@ def tiny(tmp_path_factory):
     (folder / "study.yaml").write_text(yaml.safe_dump(TINY))
     cfg = load_config(folder / "study.yaml")
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     return folder / "study.yaml", prepared, baseline
 
 

@@ -44,10 +44,6 @@ STUDY = {
 }
 
 
-def _quiet(_line: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A finished tiny study, and each trial's weights right after the search's fine-tune."""
@@ -75,7 +71,7 @@ def test_export_without_epochs_reproduces_the_search(searched, tmp_path):
     for trial in complete:
         assert trial.user_attrs["floor_accuracy"] >= 0  # the search's callback did run
         result = export.export_trial(
-            cfg, trial.number, tmp_path / f"t{trial.number}.pt", finetune_epochs=0, log=_quiet
+            cfg, trial.number, tmp_path / f"t{trial.number}.pt", finetune_epochs=0
         )
         loaded = model_file.load(result.path)
         state = loaded.state_dict()

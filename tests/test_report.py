@@ -15,6 +15,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from autodecomp.core.errors import ConfigError
+from autodecomp.core.logs import console_logging
 from autodecomp.results.front import (
     front_frame,
     hypervolume,
@@ -297,7 +298,8 @@ def test_unknown_study_name_lists_the_valid_ones(tmp_path):
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    return configure_parser(parser)(parser.parse_args(argv))
+    with console_logging():  # the lines `autodecomp report` prints
+        return configure_parser(parser)(parser.parse_args(argv))
 
 
 def test_cli_on_a_storage_file(tmp_path, capsys):

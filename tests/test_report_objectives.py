@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
 from autodecomp.core.errors import ConfigError
+from autodecomp.core.logs import console_logging
 from autodecomp.measure.objectives import OBJECTIVES, objective, registered
 from autodecomp.results.front import hypervolume, reference
 from autodecomp.results.queries import best_trial
@@ -252,7 +253,8 @@ def test_cli_prints_the_latency_objective(tmp_path, capsys):
     make_study(["accuracy", "macs", "latency"], storage=f"sqlite:///{db}")
     parser = argparse.ArgumentParser()
     run = configure_parser(parser)
-    assert run(parser.parse_args([str(db), "--max-macs", "50%"])) == 0
+    with console_logging():  # the lines `autodecomp report` prints
+        assert run(parser.parse_args([str(db), "--max-macs", "50%"])) == 0
     out = capsys.readouterr().out
     assert "latency cpu ms" in out and "0.600" in out
     assert "best with max-macs 50%: trial 1, accuracy 0.8500 (drop +0.0500), 500,000 MACs" in out

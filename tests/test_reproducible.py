@@ -120,7 +120,7 @@ def test_replay_gives_the_stored_figures_exactly(runs):
     study = _study(straight)
     trained = [t for t in study.trials if not t.user_attrs["over_budget"]]
     trial = next(t for t in trained if "cp" in json.dumps(t.user_attrs["plan"]))
-    result = replay_trial(load_config(straight / "study.yaml"), trial.number, log=lambda _: None)
+    result = replay_trial(load_config(straight / "study.yaml"), trial.number)
     assert result.outcome is None and result.equal
     assert result.replayed["accuracy"] == trial.values[0]
     assert result.replayed["macs"] == trial.user_attrs["macs"]

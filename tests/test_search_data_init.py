@@ -38,10 +38,6 @@ STUDY = {
 }
 
 
-def _quiet(_line: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
     return make_study(tmp_path_factory.mktemp("data_init"), STUDY, search=True)
@@ -57,7 +53,7 @@ def test_unknown_init_is_a_config_error(tmp_path):
 def test_trials_fit_layer_outputs_better_than_weight_init(searched):
     cfg = load_config(searched)
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=_quiet)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
     errors = {}
     for init in ("weight", "data"):
         space = dataclasses.replace(prepared.space, init=init)
@@ -80,7 +76,7 @@ def test_export_rebuilds_the_data_initialised_trial(searched, tmp_path):
     study = optuna.load_study(study_name="tiny", storage=cfg.storage)
     trial = study.trials[0]
     assert all(e["init"] == "data" for e in trial.user_attrs["plan"].values())
-    result = export.export_trial(cfg, 0, tmp_path / "t0.pt", log=_quiet)
+    result = export.export_trial(cfg, 0, tmp_path / "t0.pt")
     assert count_macs(result.model, (1, 8, 8)) == trial.user_attrs["macs"]
     # steps = 0: the export's model is the search's (before the proxy), so the validation
     # accuracy after the same BN recalibration equals the trial's objective

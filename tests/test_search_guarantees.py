@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 from tiny_study import make_study
 
+from autodecomp.core.optuna_compat import constraints, set_constraints
 from autodecomp.search.loop import COUNTED, run_trials
 from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
 
@@ -203,7 +204,8 @@ def test_two_searches_on_one_new_study_stop_at_exactly_the_total(kind, request, 
 
 
 # ---- a re-queued trial sets its own constraints ------------------------------------------------
-def test_requeued_trial_sets_its_own_constraints_without_a_warning(tmp_path):
+@pytest.mark.parametrize("named", [True, False], ids=["set_constraint", "set_constraints"])
+def test_requeued_trial_sets_its_own_constraints_without_a_warning(tmp_path, named):
     url = f"journal:///{tmp_path / 'j.journal'}"
     storage = open_storage(url, Heartbeat(interval=1))
     study = optuna.create_study(study_name="t", storage=storage)
@@ -212,7 +214,11 @@ def test_requeued_trial_sets_its_own_constraints_without_a_warning(tmp_path):
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", 0.0, 1.0)
         calls.append(x)
-        trial.set_constraint("macs", len(calls) - 1.5)  # -0.5 on the first run, then more
+        value = len(calls) - 1.5  # -0.5 on the first run, then more
+        if named:  # Optuna 5's own record (studies made before autodecomp's)
+            trial.set_constraint("macs", value)
+        else:
+            set_constraints(trial, {"macs": value})
         if len(calls) == 1:
             raise KeyboardInterrupt
         return x
@@ -226,4 +232,4 @@ def test_requeued_trial_sets_its_own_constraints_without_a_warning(tmp_path):
         assert run_trials(study, objective, 1, lock, retry=retry) == 1
     failed, rerun = study.trials
     assert rerun.params == failed.params and rerun.system_attrs["failed_trial"] == 0
-    assert failed.constraints == {"macs": -0.5} and rerun.constraints == {"macs": 0.5}
+    assert constraints(failed) == {"macs": -0.5} and constraints(rerun) == {"macs": 0.5}

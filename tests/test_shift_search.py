@@ -239,7 +239,7 @@ def test_tiny_search_then_export_and_load_a_pruned_trial(tmp_path, capsys):
 
     number = done[-1].number
     out = tmp_path / "pruned.pt"
-    exported = export_trial(cfg, number, out, log=lambda line: None)
+    exported = export_trial(cfg, number, out)
     meta = read_metadata(out)
     assert {meta["plan"][b]["method"] for b in BLOCKS} == {"prune"}
     loaded = ad.load(out)

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_study import logged
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -170,9 +171,9 @@ def test_train_digits_cnn_baseline():
     set_seed(0)
     splits = load_data("digits", seed=0)
     model = get_model("digits_cnn", in_channels=1)
-    lines = []
     loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
-    train_baseline(model, loader, epochs=5, lr=0.1, log=lines.append)
+    with logged() as lines:
+        train_baseline(model, loader, epochs=5, lr=0.1)
     assert len(lines) == 5 and lines[0].startswith("epoch 1/5 loss")
     assert not model.training
     accuracy = evaluate(model, make_loader(splits.test, batch_size=256, shuffle=False))

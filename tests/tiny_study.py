@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,29 @@ def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) ->
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
     if search:
-        summarise_search(run_search(cfg, log=lambda line: None).study, cfg, log=lambda line: None)
+        summarise_search(run_search(cfg).study, cfg)
     else:
         prepared = prepare(cfg)
-        load_baseline(cfg, prepared.model, prepared.splits, log=lambda line: None)
+        load_baseline(cfg, prepared.model, prepared.splits)
     return path
+
+
+@contextmanager
+def logged(level: int = logging.INFO) -> Iterator[list[str]]:
+    """The messages the ``autodecomp`` loggers log in the ``with`` block at ``level`` and
+    above (what an injected ``log=lines.append`` received before the package logged)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("autodecomp"), Collect(level)
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

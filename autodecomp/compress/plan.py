@@ -42,7 +42,9 @@ class PlanEntry:
         prune: shift-pruning ratio of a ``prune`` block or of a layer decomposed into one.
         init: ``"weight"`` (default) or ``"data"`` (fit the output on calibration inputs).
         rank_multiple: with ``ratio``, round channel widths down to multiples of it (1).
-        options: the method's own options (e.g. ``hooi_iters``), any other key.
+        options: the method's own options (e.g. ``hooi_iters``, or ``solver``: ``"tensorly"``
+            to fit by tensorly's solver, so an export rebuilds the layer the same way), any
+            other key.
     """
 
     method: str
@@ -68,7 +70,9 @@ class PlanEntry:
                 raise ValueError("'prune' needs a decomposition method, not 'keep'")
             return
         else:
-            get_method(self.method)
+            cls = get_method(self.method)
+            if "solver" in self.options:
+                cls.check_solver(self.options["solver"])
             check_rank_request(self.rank, self.ratio)
             if self.ratio is not None:
                 check_ratio(self.ratio)

@@ -89,6 +89,8 @@ class SpaceConfig:
     overrides: tuple[LayerRule, ...] = ()
     init: str = "weight"  # "data": decomposed layers fit their output on calibration images
     rank_multiple: int = 1  # ratio-chosen channel ranks >= this are rounded down to a multiple
+    solvers: dict[str, str] = field(default_factory=dict)  # method -> "tensorly" (the default
+    # "autodecomp" is left out); carried into plan entries as the option "solver"
     source: str = "<inline>"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..decompositions import methods
+from ..decompositions import SOLVERS, get_method, methods
 from .checks import boolean, integer, mapping, number, one_of, show, strings
 from .raw import read_yaml
 from .schema import LayerRule, RatioRange, SpaceConfig
@@ -92,9 +92,29 @@ def _rank_choices(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def _solvers(value: Any, where: str) -> dict[str, str]:
+    """``solver``: one for every method (``solver: tensorly``) or per method (``solver: {cp:
+    tensorly}``); only the non-default choices are kept (``autodecomp``: the method's own)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        one_of(value, where, SOLVERS)
+        value = {m: value for m in methods() if get_method(m).tensorly_solver is not None}
+    out = {}
+    for method, solver in mapping(value, where, methods()).items():
+        one_of(solver, f"{where}.{method}", SOLVERS)
+        try:
+            get_method(method).check_solver(solver)
+        except ValueError as err:
+            raise ConfigError(f"{where}.{method}: {err}") from None
+        if solver != "autodecomp":
+            out[method] = solver
+    return out
+
+
 _SPACE_KEYS = (
     "layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init",
-    "rank_multiple",
+    "rank_multiple", "solver",
 )  # fmt: skip
 _INITS = ("weight", "data")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
@@ -139,6 +159,7 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
         overrides=tuple(overrides),
         init=init,
         rank_multiple=integer(raw.get("rank_multiple", 1), f"{where}.rank_multiple", minimum=1),
+        solvers=_solvers(raw.get("solver"), f"{where}.solver"),
         source=source,
     )
 

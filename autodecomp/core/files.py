@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 __all__ = ["atomic_write", "exclusive_lock"]
 
@@ -36,16 +37,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
 
 @contextmanager
 def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block.
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
 
     Used so that one process of a study creates a shared artefact (the trained baseline)
-    while the others wait and then read it. The lock is released if the holder dies.
+    while the others wait and then read it. ``filelock`` picks the operating system's lock
+    (``flock`` on POSIX, ``msvcrt.locking`` on Windows): the lock is released if the holder
+    dies, and the file is left in place for the next holder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(path, mode=0o644):
+        yield

@@ -10,7 +10,7 @@ import pkgutil
 
 from ..core.errors import DecompositionError, UnsupportedLayerError
 from ..core.spec import ConvSpec
-from .base import DecomposedConv, get_method, methods, register, supporting_methods
+from .base import SOLVERS, DecomposedConv, get_method, methods, register, supporting_methods
 
 _INFRASTRUCTURE = {"base", "layers"}
 
@@ -19,6 +19,7 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
+    "SOLVERS",
     "ConvSpec",
     "DecomposedConv",
     "DecompositionError",

@@ -17,6 +17,7 @@ from ..core.registry import Registry
 from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import balance_norms, refine_output_fit, unwhiten_rows, whiten_input
+from ..factorize.tensorly_solvers import SOLVERS, check_solver_name, from_tensorly
 
 if TYPE_CHECKING:
     from ..factorize.input_stats import InputStats
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATA_DAMPING",
     "REFINE_STEPS",
+    "SOLVERS",
     "DecomposedConv",
     "check_finite_kernel",
     "check_rank_multiple",
@@ -67,11 +69,14 @@ def check_finite_kernel(method: str, weight: torch.Tensor, bias: torch.Tensor | 
         )
 
 
-def _finite_first(from_weight: Callable[..., DecomposedConv]) -> Callable[..., DecomposedConv]:
-    """``from_weight`` that first refuses a non-finite kernel (:func:`check_finite_kernel`)."""
+def _checked_first(from_weight: Callable[..., DecomposedConv]) -> Callable[..., DecomposedConv]:
+    """``from_weight`` that first refuses a ``solver`` option the method does not have
+    (:meth:`DecomposedConv.check_solver`) and a non-finite kernel (:func:`check_finite_kernel`)."""
 
     @functools.wraps(from_weight)
     def checked(cls: type[DecomposedConv], weight: torch.Tensor, bias: Any, *args, **kwargs):
+        if "solver" in kwargs:
+            cls.check_solver(kwargs["solver"])
         check_finite_kernel(getattr(cls, "name", cls.__name__), weight, bias)
         return from_weight(cls, weight, bias, *args, **kwargs)
 
@@ -111,14 +116,30 @@ class DecomposedConv(nn.Module, ABC):
     supports_data_init: ClassVar[bool] = True
     """Whether the method fits a layer's output on calibration inputs
     (:meth:`from_calibration`); see :meth:`data_init_reason`."""
+    tensorly_solver: ClassVar[str | None] = None
+    """The tensorly function that :meth:`from_weight` runs with ``solver="tensorly"`` (e.g.
+    ``"parafac"``), or ``None`` when the method has no tensorly solver."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each method's own :meth:`from_weight` (every initialisation passes it, the
-        data-aware one included) refuses a non-finite kernel first: one check for all."""
+        data-aware one included) refuses a bad ``solver`` and a non-finite kernel first: one
+        check for all."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("from_weight")
         if isinstance(own, classmethod):
-            cls.from_weight = classmethod(_finite_first(own.__func__))  # type: ignore[assignment]
+            cls.from_weight = classmethod(_checked_first(own.__func__))  # type: ignore[assignment]
+
+    @classmethod
+    def check_solver(cls, solver: Any) -> str:
+        """``solver`` (one of :data:`SOLVERS`) if this method has it, else a ValueError.
+
+        ``"autodecomp"`` (the default) is the method's own solver; ``"tensorly"`` runs
+        :attr:`tensorly_solver` instead, in float64, as a cross-check and fallback.
+        """
+        check_solver_name(solver)
+        if solver == "tensorly" and cls.tensorly_solver is None:
+            raise ValueError(f"method {cls.name!r} has no tensorly solver; valid: autodecomp")
+        return solver
 
     def __init__(self, spec: ConvSpec, rank: Rank) -> None:
         super().__init__()
@@ -356,6 +377,21 @@ class DecomposedConv(nn.Module, ABC):
 
     def params(self) -> int:
         return self.param_count(self.spec, self.rank)
+
+    def to_tensorly(self) -> Any:
+        """The layer's factors as a tensorly factorized tensor (``CPTensor``, ``TuckerTensor``,
+        ``TTTensor``, ``TRTensor``) on the active tensorly backend, copied and detached.
+
+        tensorly's reconstruction of it (``tl.cp_to_tensor`` etc.), mapped by
+        :meth:`kernel_from_tensorly`, is :meth:`dense_weight`. Each method documents which
+        tensor it factorises; the bias is not part of it.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no tensorly form")
+
+    def kernel_from_tensorly(self, full: Any) -> torch.Tensor:
+        """The ``(F, C, kh, kw)`` kernel of the dense reconstruction of :meth:`to_tensorly`
+        (a tensor of any tensorly backend), as a torch tensor: by default a reshape."""
+        return from_tensorly(full).reshape(self.spec.weight_shape)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -8,14 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tensorly.cp_tensor import CPTensor
 
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.cp_als import cp_als
 from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
 
-_SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread")
+_SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread", "solver")
 
 
 def max_cp_rank(shape: tuple[int, ...]) -> int:
@@ -43,20 +45,37 @@ def cached_cp(
     cache: FactorCache,
     opts: dict[str, Any],
 ) -> list[torch.Tensor]:
-    """Balanced CP factors of ``tensor`` (a reshaped ``weight``), cached per layer and rank."""
+    """Balanced CP factors of ``tensor`` (a reshaped ``weight``), cached per layer and rank.
+
+    ``solver="tensorly"`` fits them by tensorly's ``parafac`` (pytorch backend, float64)
+    instead of :func:`~autodecomp.factorize.cp_als.cp_als`; the other options mean the same
+    for both (``tol`` in each solver's own convergence test).
+    """
     unknown = set(opts) - set(_SOLVER_OPTIONS)
     if unknown:
         raise ValueError(
             f"unknown {method} option(s) {sorted(unknown)}; valid: {', '.join(_SOLVER_OPTIONS)}"
         )
+    opts = dict(opts)
+    solver = opts.pop("solver", "autodecomp")
     options = "/".join(f"{k}={opts[k]!r}" for k in sorted(opts))
-    key = f"{method}/cp_als-v1/{weight_key(weight)}/{rank}/{options}"
+    version = "cp_als-v1" if solver == "autodecomp" else "tensorly-parafac-v1"
+    key = f"{method}/{version}/{weight_key(weight)}/{rank}/{options}"
+    fit = cp_als if solver == "autodecomp" else tensorly_solvers.cp
 
     def compute() -> list[torch.Tensor]:
-        weights, factors, _ = cp_als(tensor.detach().to(torch.float64), rank, **opts)
+        weights, factors, _ = fit(tensor.detach().to(torch.float64), rank, **opts)
         return [factors[0] * weights, *factors[1:]]
 
     return cache.get_or_compute(key, compute)
+
+
+def cp_tensor(factors: list[torch.Tensor]) -> CPTensor:
+    """A ``CPTensor`` with unit weights of torch ``factors``, on the active tensorly backend."""
+    weights = factors[0].new_ones(factors[0].shape[1])
+    return CPTensor(
+        (tensorly_solvers.as_tensorly(weights), [tensorly_solvers.as_tensorly(f) for f in factors])
+    )
 
 
 @register("cp")
@@ -65,11 +84,16 @@ class CPConv(DecomposedConv):
 
     ``dense_weight()[f, c, i, j] = sum_r last[f, r] * vertical[r, i] * horizontal[r, j] *
     first[r, c]``. Initialised by CP-ALS of the kernel in float64 with balanced factor norms.
-    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``.
+    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``,
+    ``solver`` (``"tensorly"``: tensorly's ``parafac`` instead of ``cp_als``).
+
+    ``to_tensorly()``: the ``CPTensor`` of the 4-way kernel ``(F, C, kh, kw)``, unit weights,
+    factors ``[last, first^T, vertical, horizontal]`` (each ``(mode size, R)``).
     """
 
     rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh, kw)]"
     input_stage = "first"
+    tensorly_solver = "parafac"
 
     def __init__(self, spec: ConvSpec, rank: int) -> None:
         super().__init__(spec, rank)
@@ -130,6 +154,15 @@ class CPConv(DecomposedConv):
             self.vertical.weight[:, 0, :, 0],
             self.horizontal.weight[:, 0, 0, :],
         )
+
+    def to_tensorly(self) -> CPTensor:
+        factors = [
+            self.last.weight[:, :, 0, 0],
+            self.first.weight[:, :, 0, 0].T,
+            self.vertical.weight[:, 0, :, 0].T,
+            self.horizontal.weight[:, 0, 0, :].T,
+        ]
+        return cp_tensor(factors)
 
     def macs(self, h: int, w: int) -> int:
         s, r = self.spec, self.rank

@@ -14,15 +14,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tensorly.tt_tensor import TTTensor
 from torch import nn
 
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.kronecker import (
     Structure,
     best_ranks,
+    chain_cores,
     chain_dense,
+    chain_kernel,
     chain_params,
+    chain_tensor,
+    chain_weights,
     is_structure,
     kron_svd,
     preferred_structures,
@@ -31,7 +37,7 @@ from ..factorize.kronecker import (
 )
 from .base import DecomposedConv, register
 
-__all__ = ["GKPDConv", "KroneckerChainConv", "chain_macs"]
+__all__ = ["GKPDConv", "KroneckerChainConv", "chain_macs", "equal_norms"]
 
 Stage = tuple[tuple[int, int], tuple[int, int]]  # (stride, dilation) of one factor's conv
 _NOMINAL_HW = 32  # input size at which candidate structures' multiply-adds are compared
@@ -98,7 +104,16 @@ class KroneckerChainConv(DecomposedConv):
     each next factor contracts ``(r_k, c_k)`` at a dilation grown by the kernel sizes of
     the factors inside it, and the outermost one adds the bias. The layer's stride is
     applied as early in the chain as the kernel split allows (see :func:`_axis_stages`).
+
+    ``to_tensorly()``: the ``TTTensor`` of the kernel rearranged as ``(|A_1|, ..., |A_S|)``
+    (Van Loan–Pitsianis at every level, :func:`~autodecomp.factorize.kronecker.chain_tensor`)
+    with cores ``A_k (R_{k-1}, |A_k|, R_k)``: a chain of Kronecker factors is exactly a tensor
+    train of that tensor (GKPD: a rank-R matrix ``sum_r vec(A_r) vec(B_r)^T``), so tensorly's
+    ``tt_to_tensor`` rebuilds it and ``tensor_train`` fits it (``solver="tensorly"``);
+    :meth:`kernel_from_tensorly` undoes the rearrangement.
     """
+
+    tensorly_solver = "tensor_train"
 
     def __init__(self, spec: ConvSpec, rank: Any) -> None:
         super().__init__(spec, rank)
@@ -191,6 +206,7 @@ class KroneckerChainConv(DecomposedConv):
         candidates: int = 6,
         slack: float = 0.01,
         cache: FactorCache = default_cache,
+        solver: str = "autodecomp",
         **_: Any,
     ) -> KroneckerChainConv:
         """Initialise from a dense kernel by SVDs of its Van Loan–Pitsianis rearrangements.
@@ -201,6 +217,10 @@ class KroneckerChainConv(DecomposedConv):
             slack: relative error margin within which the structure with the fewest
                 multiply-adds is preferred to the most accurate one.
             cache: where the SVDs are kept (one per weight and structure, any rank).
+            solver: ``"tensorly"``: the factors of the chosen structure by tensorly's
+                ``tensor_train`` of :func:`~autodecomp.factorize.kronecker.chain_tensor`
+                (the same sequential SVD, per rank; the structure is chosen as usual),
+                scaled to equal norms.
         """
         w64 = weight.detach().to(torch.float64)
         wkey = weight_key(weight)
@@ -208,7 +228,19 @@ class KroneckerChainConv(DecomposedConv):
             structure, ranks = cls._choose(w64, wkey, spec, rank, candidates, slack, cache)
         else:
             structure, ranks = cls.structure_of(spec, rank)
-        factors = cls._factorize(w64, wkey, structure, ranks, cache)
+        if solver == "tensorly":
+            factors = cache.get_or_compute(
+                f"kron/tensorly/{wkey}/{structure}/{ranks}",
+                lambda: equal_norms(
+                    chain_weights(
+                        tensorly_solvers.tt(chain_tensor(w64, structure), [1, *ranks, 1]),
+                        structure,
+                        ranks,
+                    )
+                ),
+            )
+        else:
+            factors = cls._factorize(w64, wkey, structure, ranks, cache)
         module = cls.empty_like(spec, cls._rank_spec(structure, ranks), weight)
         with torch.no_grad():
             for param, value in zip(module.factors, factors, strict=True):
@@ -250,8 +282,24 @@ class KroneckerChainConv(DecomposedConv):
     def dense_weight(self) -> torch.Tensor:
         return chain_dense(list(self.factors), self.structure, self.ranks)
 
+    def to_tensorly(self) -> TTTensor:
+        cores = chain_cores(list(self.factors), self.structure, self.ranks)
+        return TTTensor([tensorly_solvers.as_tensorly(c) for c in cores])
+
+    def kernel_from_tensorly(self, full: Any) -> torch.Tensor:
+        return chain_kernel(tensorly_solvers.from_tensorly(full), self.structure)
+
     def macs(self, h: int, w: int) -> int:
         return chain_macs(self.spec, self.structure, self.ranks, h, w)
+
+
+def equal_norms(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``factors`` scaled by one scalar each so that all have their geometric-mean norm."""
+    norms = [float(f.norm()) for f in factors]
+    if min(norms) == 0.0:
+        return factors
+    mean = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    return [f * (mean / n) for f, n in zip(factors, norms, strict=True)]
 
 
 def as_shape(value: Any, what: str) -> tuple[int, int, int, int]:

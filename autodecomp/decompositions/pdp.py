@@ -6,11 +6,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tensorly.cp_tensor import CPTensor
 
 from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache
 from .base import DecomposedConv, register, round_down_width
-from .cp import cached_cp, check_cp_rank, max_cp_rank
+from .cp import cached_cp, check_cp_rank, cp_tensor, max_cp_rank
 from .layers import SpatialConv, pointwise, pointwise_conv
 
 
@@ -25,11 +26,16 @@ class PDPConv(DecomposedConv):
 
     ``dense_weight()[f, c, i, j] = sum_r last[f, r] * depthwise[r, i, j] * first[r, c]``.
     Initialised by CP-ALS of the reshaped kernel in float64 with balanced factor norms.
-    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``.
+    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``,
+    ``solver`` (``"tensorly"``: tensorly's ``parafac`` instead of ``cp_als``).
+
+    ``to_tensorly()``: the ``CPTensor`` of the 3-way kernel ``(F, C, kh*kw)``, unit weights,
+    factors ``[last, first^T, depthwise^T]`` (the kernel is its reconstruction reshaped).
     """
 
     rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh*kw)]"
     input_stage = "first"
+    tensorly_solver = "parafac"
 
     def __init__(self, spec: ConvSpec, rank: int) -> None:
         super().__init__(spec, rank)
@@ -88,6 +94,15 @@ class PDPConv(DecomposedConv):
             self.last.weight[:, :, 0, 0],
             self.first.weight[:, :, 0, 0],
             self.depthwise.weight[:, 0],
+        )
+
+    def to_tensorly(self) -> CPTensor:
+        return cp_tensor(
+            [
+                self.last.weight[:, :, 0, 0],
+                self.first.weight[:, :, 0, 0].T,
+                self.depthwise.weight[:, 0].flatten(1).T,
+            ]
         )
 
     def macs(self, h: int, w: int) -> int:

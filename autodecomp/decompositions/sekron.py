@@ -10,7 +10,6 @@ GKPD.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..factorize.kronecker import (
     tt_kron,
 )
 from .base import register
-from .gkpd import KroneckerChainConv, as_shape, check_rank_keys
+from .gkpd import KroneckerChainConv, as_shape, check_rank_keys, equal_norms
 
 __all__ = ["SeKronConv"]
 
@@ -125,9 +124,4 @@ class SeKronConv(KroneckerChainConv):
         cls, weight: torch.Tensor, wkey: str, structure: Structure, ranks: tuple[int, ...], cache
     ) -> list[torch.Tensor]:
         """Sequential SVD, then one scalar per factor so that all factors have equal norms."""
-        factors = tt_kron(weight, wkey, structure, ranks, cache)
-        norms = [float(f.norm()) for f in factors]
-        if min(norms) == 0.0:
-            return factors
-        mean = math.exp(sum(math.log(n) for n in norms) / len(norms))
-        return [f * (mean / n) for f, n in zip(factors, norms, strict=True)]
+        return equal_norms(tt_kron(weight, wkey, structure, ranks, cache))

@@ -17,6 +17,12 @@ Rank spec: an int ``r`` (the same rank for every slice), a list of ``kh * kw`` p
 given to the globally largest singular values of all slices (Frobenius-optimal for that
 ``R``). The ratio path uses the last form; a built layer always reports per-slice ranks.
 Parameters: ``R (C + F) (+ F bias)``; MACs: ``H W C R + H' W' R F``.
+
+Options: ``cache``, ``solver`` (``"tensorly"``: the slice SVDs by tensorly's
+``svd_interface``). ``to_tensorly()``: the kernel is exactly a rank-``R`` CP of
+``(F, C, kh, kw)`` whose spatial factors are one-hot (channel ``r`` of slice ``(a, b)`` has
+``e_a`` and ``e_b``): a ``CPTensor`` with unit weights and factors ``[last, first^T, one-hot
+rows (kh, R), one-hot columns (kw, R)]``.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tensorly.cp_tensor import CPTensor
 
 from ..core.shift import Shift
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
 from .base import DecomposedConv, register
 from .layers import pointwise, pointwise_conv
@@ -45,6 +53,12 @@ def _slice_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     f, c, kh, kw = weight.shape
     slices = weight.permute(2, 3, 0, 1).reshape(kh * kw, f, c)
     return torch.linalg.svd(slices, full_matrices=False)
+
+
+def _tensorly_slice_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_slice_svd` by tensorly's ``svd_interface``."""
+    f, c, kh, kw = weight.shape
+    return tensorly_solvers.slice_svd(weight.permute(2, 3, 0, 1).reshape(kh * kw, f, c))
 
 
 def _largest(singular: torch.Tensor, channels: int) -> Ranks:
@@ -75,6 +89,7 @@ class SliceShiftConv(DecomposedConv):
     )
     input_stage = "first"
     builds_shift_block = True
+    tensorly_solver = "svd_interface"
 
     def __init__(self, spec: ConvSpec, rank: Any) -> None:
         ranks = _even(spec, rank["channels"]) if isinstance(rank, dict) else tuple(rank)
@@ -147,11 +162,13 @@ class SliceShiftConv(DecomposedConv):
         rank: Any,
         *,
         cache=default_cache,
+        solver: str = "autodecomp",
         **_: Any,
     ) -> SliceShiftConv:
+        svd = _slice_svd if solver == "autodecomp" else _tensorly_slice_svd
         u, s, vh = cache.get_or_compute(
-            f"shift/slices/{weight_key(weight)}",
-            lambda: _slice_svd(weight.detach().to(torch.float64)),
+            f"shift/slices{'' if solver == 'autodecomp' else '/tensorly'}/{weight_key(weight)}",
+            lambda: svd(weight.detach().to(torch.float64)),
         )
         ranks = _largest(s, rank["channels"]) if isinstance(rank, dict) else tuple(rank)
         root = s.sqrt()
@@ -170,17 +187,38 @@ class SliceShiftConv(DecomposedConv):
         y = self.shift(pointwise_conv(x, self.first.weight))
         return pointwise_conv(y, self.last.weight, self.bias)
 
+    def _slice_of(self) -> torch.Tensor:
+        """The spatial slice (kernel position) each intermediate channel reads."""
+        device = self.first.weight.device
+        kh, kw = self.spec.kernel_size
+        return torch.repeat_interleave(
+            torch.arange(kh * kw, device=device), torch.tensor(self.rank, device=device)
+        )
+
     def dense_weight(self) -> torch.Tensor:
         kh, kw = self.spec.kernel_size
-        slice_of = torch.repeat_interleave(
-            torch.arange(kh * kw, device=self.first.weight.device),
-            torch.tensor(self.rank, device=self.first.weight.device),
-        )
-        onehot = F.one_hot(slice_of, kh * kw).to(self.first.weight.dtype)
+        onehot = F.one_hot(self._slice_of(), kh * kw).to(self.first.weight.dtype)
         dense = torch.einsum(
             "fr,rc,rp->fcp", self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0], onehot
         )
         return dense.reshape(self.spec.out_channels, self.spec.in_channels, kh, kw)
+
+    def to_tensorly(self) -> CPTensor:
+        kh, kw = self.spec.kernel_size
+        slice_of, dtype = self._slice_of(), self.first.weight.dtype
+        factors = [
+            self.last.weight[:, :, 0, 0],
+            self.first.weight[:, :, 0, 0].T,
+            F.one_hot(slice_of // kw, kh).T.to(dtype),
+            F.one_hot(slice_of % kw, kw).T.to(dtype),
+        ]
+        weights = factors[0].new_ones(len(slice_of))
+        return CPTensor(
+            (
+                tensorly_solvers.as_tensorly(weights),
+                [tensorly_solvers.as_tensorly(f) for f in factors],
+            )
+        )
 
     def macs(self, h: int, w: int) -> int:
         ho, wo = self.spec.output_size(h, w)

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tensorly.tr_tensor import TRTensor
 
 from ..core.errors import DecompositionError
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
 from ..factorize.tensor_train import left_singular_vectors, ring_decompose
 from .base import DecomposedConv, register
@@ -48,8 +50,18 @@ def _problems(spec: ConvSpec, ra: int, rb: int, re: int) -> list[str]:
 
 @register("tr")
 class TensorRingConv(DecomposedConv):
-    """1x1 ``C -> ra*rb``; ``kh x kw`` conv ``rb -> re`` per ring slice; 1x1 ``ra*re -> F``."""
+    """1x1 ``C -> ra*rb``; ``kh x kw`` conv ``rb -> re`` per ring slice; 1x1 ``ra*re -> F``.
 
+    Options: ``als_iters``, ``als_budget``, ``tol`` (the ALS refinement), ``cache``,
+    ``solver`` (``"tensorly"``: tensorly's ``tensor_ring``, TR-SVD of ``(C, kh*kw, F)`` from
+    the C mode without refinement; exact for ``ra = 1`` only, see the module docstring).
+
+    ``to_tensorly()``: the ``TRTensor`` of the 3-way kernel ``(F, C, kh*kw)`` with cores
+    ``[V (re, F, ra), U (ra, C, rb), K (rb, kh*kw, re)]`` (the kernel is its reconstruction
+    reshaped).
+    """
+
+    tensorly_solver = "tensor_ring"
     rank_help = (
         "[ra, rb, re] with ra*rb <= C, ra*re <= F, rb <= kh*kw*re, re <= kh*kw*rb; "
         "an int r means [r, r, r]"
@@ -130,6 +142,7 @@ class TensorRingConv(DecomposedConv):
         als_budget: float = 4e9,
         tol: float = 1e-6,
         cache=default_cache,
+        solver: str = "autodecomp",
         **_: Any,
     ) -> TensorRingConv:
         ra, rb, re = rank
@@ -142,13 +155,19 @@ class TensorRingConv(DecomposedConv):
 
         wkey = weight_key(weight)
         try:
-            bases = cache.get_or_compute(f"tr/{wkey}/bases", lambda: _mode_bases(tensor()))
-            u, k, v = cache.get_or_compute(
-                f"tr/{wkey}/{ra},{rb},{re}/als{als_iters},{als_budget:g},{tol:g}",
-                lambda: ring_decompose(
-                    tensor(), rank, bases, als_iters=als_iters, als_budget=als_budget, tol=tol
-                ),
-            )
+            if solver == "tensorly":
+                u, k, v = cache.get_or_compute(
+                    f"tr/{wkey}/{ra},{rb},{re}/tensorly",
+                    lambda: tensorly_solvers.ring(tensor(), [ra, rb, re, ra]),
+                )
+            else:
+                bases = cache.get_or_compute(f"tr/{wkey}/bases", lambda: _mode_bases(tensor()))
+                u, k, v = cache.get_or_compute(
+                    f"tr/{wkey}/{ra},{rb},{re}/als{als_iters},{als_budget:g},{tol:g}",
+                    lambda: ring_decompose(
+                        tensor(), rank, bases, als_iters=als_iters, als_budget=als_budget, tol=tol
+                    ),
+                )
         except torch.linalg.LinAlgError as err:
             raise DecompositionError(f"tr decomposition at rank {rank} failed: {err}") from err
         norms = [float(x.norm()) for x in (u, k, v)]
@@ -175,13 +194,22 @@ class TensorRingConv(DecomposedConv):
         y = y.reshape(n, ra * re, *y.shape[-2:])
         return pointwise_conv(y, self.last.weight, self.bias)
 
-    def dense_weight(self) -> torch.Tensor:
+    def _ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cores ``U (ra, C, rb)``, ``K (rb, kh*kw, re)``, ``V (re, F, ra)``."""
         ra, rb, re = self.rank
         s = self.spec
         u = self.first.weight.reshape(ra, rb, s.in_channels).permute(0, 2, 1)
         k = self.core.weight.reshape(re, rb, s.kernel_area).permute(1, 2, 0)
         v = self.last.weight.reshape(s.out_channels, ra, re).permute(2, 0, 1)
-        return torch.einsum("acb,bse,efa->fcs", u, k, v).reshape(s.weight_shape)
+        return u, k, v
+
+    def dense_weight(self) -> torch.Tensor:
+        u, k, v = self._ring()
+        return torch.einsum("acb,bse,efa->fcs", u, k, v).reshape(self.spec.weight_shape)
+
+    def to_tensorly(self) -> TRTensor:
+        u, k, v = self._ring()
+        return TRTensor([tensorly_solvers.as_tensorly(c) for c in (v, u, k)])
 
     def macs(self, h: int, w: int) -> int:
         ra, rb, re = self.rank

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tensorly.tt_tensor import TTTensor
 from torch import nn
 
 from ..core.errors import DecompositionError
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
 from ..factorize.tensor_train import tt_svd
 from .base import DecomposedConv, register
@@ -142,8 +144,18 @@ def _check_chain(spec: ConvSpec, cs: list[int], fs: list[int], ranks: list[int])
 
 @register("tt")
 class TensorTrainConv(DecomposedConv):
-    """Spatial core conv, then channel cores ``G_k (r_{k-1}, c_k, f_k, r_k)`` by matmul."""
+    """Spatial core conv, then channel cores ``G_k (r_{k-1}, c_k, f_k, r_k)`` by matmul.
 
+    Options: ``cache``, ``solver`` (``"tensorly"``: tensorly's ``tensor_train``, the same
+    TT-SVD, computed per rank instead of nested).
+
+    ``to_tensorly()``: the ``TTTensor`` of the kernel viewed as ``(kh*kw, c_1*f_1, ...,
+    c_d*f_d)`` (index ``(c_k, f_k)`` row-major) with cores ``[K (1, kh*kw, r_0), G_1 (r_0,
+    c_1*f_1, r_1), ..., G_d (r_{d-1}, c_d*f_d, 1)]``; :meth:`kernel_from_tensorly` permutes
+    its reconstruction back to ``(F, C, kh, kw)``.
+    """
+
+    tensorly_solver = "tensor_train"
     rank_help = (
         "int r (every TT rank r, capped at its maximum), a list [r_0, ..., r_{d-1}] with "
         "balanced channel factors, or {'in': [c_1..c_d], 'out': [f_1..f_d], 'ranks': [...]}"
@@ -227,20 +239,28 @@ class TensorTrainConv(DecomposedConv):
         rank: TTRank,
         *,
         cache=default_cache,
+        solver: str = "autodecomp",
         **_: Any,
     ) -> TensorTrainConv:
         cs, fs, ranks = rank["in"], rank["out"], rank["ranks"]
         sizes = [c * f for c, f in zip(cs, fs, strict=True)]
         store = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float64
         key = f"tt/{weight_key(weight)}/{cs}x{fs}"
-        factors = tt_svd(
-            lambda: _tt_tensor(weight, cs, fs),
-            (spec.kernel_area, *sizes),
-            ranks,
-            cache=cache,
-            key=key,
-            store_dtype=store,
-        )
+        if solver == "tensorly":
+            cores = cache.get_or_compute(
+                f"{key}/tensorly/{ranks}",
+                lambda: tensorly_solvers.tt(_tt_tensor(weight, cs, fs), [1, *ranks, 1]),
+            )
+            factors = [cores[0][0], *cores[1:]]
+        else:
+            factors = tt_svd(
+                lambda: _tt_tensor(weight, cs, fs),
+                (spec.kernel_area, *sizes),
+                ranks,
+                cache=cache,
+                key=key,
+                store_dtype=store,
+            )
         module = cls.empty_like(spec, rank, weight)
         kh, kw = spec.kernel_size
         with torch.no_grad():
@@ -298,6 +318,23 @@ class TensorTrainConv(DecomposedConv):
             t = torch.einsum("sija,acfb->sicjfb", t, core)
             t = t.reshape(t.shape[0], t.shape[1] * t.shape[2], t.shape[3] * t.shape[4], -1)
         return t[..., 0].permute(2, 1, 0).reshape(s.weight_shape)
+
+    def to_tensorly(self) -> TTTensor:
+        spatial = self.spatial.weight.reshape(self.ranks[0], -1).T[None]
+        cores = [spatial, *(core.flatten(1, 2) for core in self.cores)]
+        return TTTensor([tensorly_solvers.as_tensorly(c) for c in cores])
+
+    def kernel_from_tensorly(self, full: Any) -> torch.Tensor:
+        cs, fs, d = self.in_factors, self.out_factors, len(self.in_factors)
+        t = tensorly_solvers.from_tensorly(full)
+        t = t.reshape(-1, *(n for pair in zip(cs, fs, strict=True) for n in pair))
+        t = t.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
+        s = self.spec
+        return (
+            t.reshape(s.kernel_area, s.in_channels, s.out_channels)
+            .permute(2, 1, 0)
+            .reshape(s.weight_shape)
+        )
 
     def macs(self, h: int, w: int) -> int:
         ho, wo = self.spec.output_size(h, w)

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tensorly.tucker_tensor import TuckerTensor
 
 from ..core.spec import ConvSpec
+from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import unwhiten_rows, whiten_input
 from .base import DecomposedConv, register, round_down_width
@@ -42,10 +44,19 @@ def _hooi(weight: torch.Tensor, r_in: int, r_out: int, iters: int) -> tuple[torc
 
 @register("tucker")
 class Tucker2Conv(DecomposedConv):
-    """Tucker-2 along the channel modes; HOSVD init (nested in ranks), optional HOOI refine."""
+    """Tucker-2 along the channel modes; HOSVD init (nested in ranks), optional HOOI refine.
+
+    Options: ``hooi_iters`` (HOOI sweeps after the HOSVD, default 0), ``cache``, ``solver``
+    (``"tensorly"``: tensorly's ``partial_tucker`` with ``n_iter_max=hooi_iters``, computed
+    per rank; the data-aware initialisation keeps its own whitened HOSVD).
+
+    ``to_tensorly()``: the ``TuckerTensor`` of the kernel ``(F, C, kh, kw)`` with core
+    ``(R_out, R_in, kh, kw)`` and factors ``[last, first^T, I_kh, I_kw]``.
+    """
 
     rank_help = "(R_in, R_out) with 1 <= R_in <= C, 1 <= R_out <= F; an int r means (r, r)"
     input_stage = "first"
+    tensorly_solver = "partial_tucker"
 
     def __init__(self, spec: ConvSpec, rank: tuple[int, int]) -> None:
         super().__init__(spec, rank)
@@ -100,6 +111,7 @@ class Tucker2Conv(DecomposedConv):
         *,
         hooi_iters: int = 0,
         cache=default_cache,
+        solver: str = "autodecomp",
         **_: Any,
     ) -> Tucker2Conv:
         r_in, r_out = rank
@@ -107,7 +119,12 @@ class Tucker2Conv(DecomposedConv):
         def w64() -> torch.Tensor:
             return weight.detach().to(torch.float64)
 
-        if hooi_iters > 0:
+        if solver == "tensorly":
+            key = f"tucker/tensorly/{weight_key(weight)}/{r_in}/{r_out}/{hooi_iters}"
+            u_out, u_in, core = cache.get_or_compute(
+                key, lambda: tensorly_solvers.tucker2(w64(), r_in, r_out, iters=hooi_iters)
+            )
+        elif hooi_iters > 0:
             key = f"tucker/hooi/{weight_key(weight)}/{r_in}/{r_out}/{hooi_iters}"
             u_out, u_in, core = cache.get_or_compute(
                 key, lambda: _hooi(w64(), r_in, r_out, hooi_iters)
@@ -186,6 +203,22 @@ class Tucker2Conv(DecomposedConv):
             self.last.weight[:, :, 0, 0],
             self.core.weight,
             self.first.weight[:, :, 0, 0],
+        )
+
+    def to_tensorly(self) -> TuckerTensor:
+        kh, kw = self.spec.kernel_size
+        like = self.core.weight
+        factors = [
+            self.last.weight[:, :, 0, 0],
+            self.first.weight[:, :, 0, 0].T,
+            torch.eye(kh, dtype=like.dtype, device=like.device),
+            torch.eye(kw, dtype=like.dtype, device=like.device),
+        ]
+        return TuckerTensor(
+            (
+                tensorly_solvers.as_tensorly(like),
+                [tensorly_solvers.as_tensorly(f) for f in factors],
+            )
         )
 
     def macs(self, h: int, w: int) -> int:

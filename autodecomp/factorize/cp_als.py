@@ -23,13 +23,14 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..core.errors import DecompositionError
 
-__all__ = ["cp_als", "cp_to_tensor"]
+__all__ = ["cp_als", "cp_to_tensor", "default_max_iter"]
 
 _EXACT_BELOW = 1e-3  # below this relative error the Gram-based fit formula loses digits
 _FLOOR = 1e-12  # relative error treated as an exact fit
@@ -52,6 +53,13 @@ class _Settings:
     linesearch: bool
     max_spread: float
     rescue: bool
+
+
+def default_max_iter(numel: int, rank: int) -> int:
+    """The default sweep cap of a rank-``rank`` CP of a tensor of ``numel`` entries: 500, fewer
+    on large problems so that the sweeps' contractions cost about 5e10 flops (at least 20)."""
+    per_sweep = 4 * numel * rank  # two tensor-sized contractions with R columns
+    return int(min(_MAX_SWEEPS, max(_MIN_SWEEPS, _SWEEP_FLOPS / per_sweep)))
 
 
 def cp_to_tensor(weights: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -77,6 +85,7 @@ def cp_als(
     max_spread: float = 1e3,
     balance: bool = True,
     rescue: bool = True,
+    callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Rank-``rank`` CP decomposition of ``tensor`` by ALS.
 
@@ -100,6 +109,8 @@ def cp_als(
         rescue: when ALS ends short of an exact fit on a small problem (rank * sum of the
             mode sizes <= 1000), polish it by Levenberg-Marquardt and also try two seeded
             random starts, keeping the best (ALS stalls in swamps and local minima).
+        callback: called as ``callback(sweep, rel_error)`` after every sweep of the ALS from
+            ``init`` (not during a rescue), e.g. to time the error trajectory.
 
     Returns:
         ``(weights, factors, rel_error)``: ``weights`` of shape ``(rank,)``, ``factors[n]``
@@ -126,8 +137,7 @@ def cp_als(
         return x.new_zeros(rank), [x.new_zeros(s, rank) for s in shape], 0.0
 
     if max_iter is None:
-        per_sweep = 4 * x.numel() * rank  # two tensor-sized contractions with R columns
-        max_iter = int(min(_MAX_SWEEPS, max(_MIN_SWEEPS, _SWEEP_FLOPS / per_sweep)))
+        max_iter = default_max_iter(x.numel(), rank)
     settings = _Settings(max_iter, tol, ridge, linesearch, max_spread, rescue)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     keep = [i for i, s in enumerate(shape) if s > 1] or [0]
@@ -135,7 +145,7 @@ def cp_als(
     if core.dim() <= 2:
         weights, kept = _svd_cp(core, rank, gen)
     else:
-        weights, kept = _solve(core, rank, init, gen, settings)
+        weights, kept = _solve(core, rank, init, gen, settings, callback)
     factors = [x.new_ones(1, rank) for _ in shape]
     for mode, factor in zip(keep, kept, strict=True):
         factors[mode] = factor
@@ -154,12 +164,17 @@ def cp_als(
 
 
 def _solve(
-    x: torch.Tensor, rank: int, init: str, gen: torch.Generator, settings: _Settings
+    x: torch.Tensor,
+    rank: int,
+    init: str,
+    gen: torch.Generator,
+    settings: _Settings,
+    callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ALS from ``init``; small problems short of an exact fit are then rescued."""
     solver = _Solver(x, rank, settings)
     factors = _initial_factors(x, rank, init, gen)
-    weights, err, _ = solver.als(x.new_ones(rank), factors, settings.max_iter)
+    weights, err, _ = solver.als(x.new_ones(rank), factors, settings.max_iter, callback)
     small = rank * sum(x.shape) <= _RESCUE_MAX_PARAMS
     if settings.rescue and small and err > _FLOOR:
         weights, factors = _rescue(solver, weights, factors, err, gen)
@@ -303,11 +318,16 @@ class _Solver:
             )
 
     def als(
-        self, weights: torch.Tensor, factors: list[torch.Tensor], max_iter: int
+        self,
+        weights: torch.Tensor,
+        factors: list[torch.Tensor],
+        max_iter: int,
+        callback: Callable[[int, float], None] | None = None,
     ) -> tuple[torch.Tensor, float, int]:
         """ALS sweeps with Bro's extrapolation, updating ``factors`` in place.
 
-        Returns the weights, the relative error and the number of sweeps done.
+        Returns the weights, the relative error and the number of sweeps done;
+        ``callback(sweep, error)`` is called after each sweep.
         """
         tol, linesearch = self.settings.tol, self.settings.linesearch
         grams = [f.T @ f for f in factors]
@@ -338,6 +358,8 @@ class _Solver:
                     if acc_fail == _LS_MAX_FAIL:
                         acc_pow, acc_fail = acc_pow + 1.0, 0
             self.check(weights, grams, err)
+            if callback is not None:
+                callback(it, err)
             if err < _FLOOR or err_prev - err < tol * err_prev:
                 break
             err_prev = err

@@ -24,8 +24,12 @@ __all__ = [
     "Shape",
     "Structure",
     "best_ranks",
+    "chain_cores",
     "chain_dense",
+    "chain_kernel",
     "chain_params",
+    "chain_tensor",
+    "chain_weights",
     "is_structure",
     "kron_energy",
     "kron_svd",
@@ -179,6 +183,56 @@ def chain_dense(
         lead, *sizes = dense.shape
         dense = dense.reshape(lead, *(sizes[2 * m] * sizes[2 * m + 1] for m in range(4)))
     return dense[0]
+
+
+def chain_tensor(weight: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """The kernel as the order-``S`` tensor ``(|A_1|, ..., |A_S|)`` whose tensor train of ranks
+    ``(1, R_1, ..., R_{S-1}, 1)`` is the Kronecker chain (Van Loan–Pitsianis, every level at once).
+
+    Entry ``[a_1, ..., a_S]`` with ``a_k = (f_k, c_k, i_k, j_k)`` (row-major) is the kernel's
+    entry at ``f = (f_1, ..., f_S)``, ``c = (c_1, ..., c_S)`` and so on (mixed radix, most
+    significant first). :func:`chain_kernel` is the inverse.
+    """
+    parts = len(structure)
+    split = weight.reshape(*(a[m] for m in range(4) for a in structure))
+    order = [m * parts + k for k in range(parts) for m in range(4)]
+    return split.permute(order).reshape([size(a) for a in structure])
+
+
+def chain_kernel(tensor: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """The ``(F, C, kh, kw)`` kernel of a :func:`chain_tensor` layout."""
+    parts = len(structure)
+    split = tensor.reshape(*(n for a in structure for n in a))
+    order = [4 * k + m for m in range(4) for k in range(parts)]
+    shape = [math.prod(a[m] for a in structure) for m in range(4)]
+    return split.permute(order).reshape(shape)
+
+
+def chain_cores(
+    weights: Sequence[torch.Tensor], structure: Structure, ranks: Sequence[int]
+) -> list[torch.Tensor]:
+    """Factors in convolution layout ``(R_{k-1} F_k, R_k C_k, h_k, w_k)`` as the tensor-train
+    cores ``(R_{k-1}, |A_k|, R_k)`` of :func:`chain_tensor`."""
+    bounds = [1, *ranks, 1]
+    return [
+        w.reshape(bounds[k], f, bounds[k + 1], c, h, ww)
+        .permute(0, 1, 3, 4, 5, 2)
+        .reshape(bounds[k], f * c * h * ww, bounds[k + 1])
+        for k, (w, (f, c, h, ww)) in enumerate(zip(weights, structure, strict=True))
+    ]
+
+
+def chain_weights(
+    cores: Sequence[torch.Tensor], structure: Structure, ranks: Sequence[int]
+) -> list[torch.Tensor]:
+    """The inverse of :func:`chain_cores`: tensor-train cores in convolution layout."""
+    bounds = [1, *ranks, 1]
+    return [
+        core.reshape(bounds[k], f, c, h, w, bounds[k + 1])
+        .permute(0, 1, 5, 2, 3, 4)
+        .reshape(bounds[k] * f, bounds[k + 1] * c, h, w)
+        for k, (core, (f, c, h, w)) in enumerate(zip(cores, structure, strict=True))
+    ]
 
 
 # ---- cached factorisations -------------------------------------------------------------------

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import FrozenTrial
 
 from ..compress.prune import PRUNE
 from ..core.errors import ConfigError
+from ..core.optuna_compat import compute_hypervolume
 from ..measure.objectives import ObjectiveSpec
 from .study_view import study_baseline, study_objectives, usable
 from .tables import pareto_frame, with_measured
@@ -175,7 +175,7 @@ def _hypervolume(points: list[np.ndarray]) -> float:
     inside = [p for p in points if np.all(p < 1.0)]
     if not inside:
         return 0.0
-    return float(compute_hypervolume(np.stack(inside), np.ones(len(inside[0]))))
+    return compute_hypervolume(np.stack(inside), np.ones(len(inside[0])))
 
 
 def hypervolume_frame(study: optuna.Study) -> pd.DataFrame:

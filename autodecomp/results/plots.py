@@ -1,4 +1,5 @@
-"""Report plots: Pareto front (PNG and interactive HTML), hypervolume history, method map.
+"""Report plots: Pareto front (PNG and interactive HTML), hypervolume history, method map,
+per-layer sensitivity.
 
 The PNGs are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas) without pyplot, so
 writing a report never changes the backend of a notebook. The HTML comes from
@@ -18,6 +19,7 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..measure.objectives import ObjectiveSpec, objective
 
@@ -26,6 +28,7 @@ __all__ = [
     "plot_front_html",
     "plot_hypervolume",
     "plot_method_map",
+    "plot_sensitivity",
 ]
 
 _DPI = 120
@@ -126,7 +129,7 @@ def plot_method_map(
 
     Args:
         front: :func:`~autodecomp.results.front.front_frame` (``number``, ``accuracy``,
-            ``macs_ratio``).
+            ``macs_compression``).
         plans: trial number -> the trial's per-layer records (user attribute ``layers``;
             the text is the plan's ratio, or the rank when the space gave explicit ranks).
         path: the PNG to write.
@@ -163,8 +166,8 @@ def plot_method_map(
                 ax.text(j, i, _cell_text(plans[n][name]), ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     labels = [
-        f"#{n}  acc {acc:.3f}  {ratio:.2f}x MACs"
-        for n, acc, ratio in zip(numbers, front["accuracy"], front["macs_ratio"], strict=True)
+        f"#{n}  acc {acc:.3f}  MACs ÷ {c:.2f}"
+        for n, acc, c in zip(numbers, front["accuracy"], front["macs_compression"], strict=True)
     ]
     ax.set_yticks(range(len(numbers)), labels, fontsize=8)
     ax.set_title("Method per layer on the Pareto front")
@@ -203,4 +206,55 @@ def plot_front_html(study: optuna.Study, objectives: Sequence[ObjectiveSpec], pa
 
     figure = optuna.visualization.plot_pareto_front(study, targets=targets, target_names=titles)
     figure.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return path
+
+
+def plot_sensitivity(frame: pd.DataFrame, path: Path) -> Path:
+    """One panel per layer: each method's zero-training error against the layer's MACs
+    (over its dense MACs, log scale); the dense layer a black star at (1, 0); measured
+    accuracies written beside their points.
+
+    Args:
+        frame: :func:`autodecomp.results.sensitivity.sensitivity_frame`.
+        path: the PNG to write.
+    """
+    layers = list(dict.fromkeys(frame["layer"]))
+    methods = [m for m in dict.fromkeys(frame["method"]) if m != "keep"]
+    cols = min(4, max(1, len(layers)))
+    rows = max(1, -(-len(layers) // cols))
+    width = 3.2 * cols + 1.4  # 1.2 inches on the right for the legend
+    fig = Figure(figsize=(width, 2.6 * rows + 0.6), dpi=_DPI)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colours = dict(zip(methods, _palette(len(methods)), strict=True))
+    for ax, layer in zip(axes, layers, strict=False):
+        own = frame[frame["layer"] == layer]
+        for method in methods:
+            points = own[own["method"] == method].sort_values("macs_ratio")
+            if len(points):
+                ax.plot(points["macs_ratio"], points["error"], marker="o", ms=3, lw=1,
+                        c=colours[method], label=method)  # fmt: skip
+            for _, row in points[points["accuracy"].notna()].iterrows():
+                ax.annotate(f"{row['accuracy']:.3f}", (row["macs_ratio"], row["error"]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=6)  # fmt: skip
+        ax.scatter([1.0], [0.0], marker="*", s=60, c="black", zorder=3)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(layer, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(layers) :]:
+        ax.set_axis_off()
+    if not layers:
+        _empty(axes[0], "no layer was scored")
+    score = str(frame["score"].iloc[0]) if len(frame) else ""
+    fig.supxlabel("layer MACs / dense layer MACs", fontsize=9)
+    fig.supylabel(f"{score} error (no training)", fontsize=9)
+    fig.suptitle("Per-layer sensitivity (dense layer: star; text: measured accuracy)", fontsize=10)
+    handles = [Patch(color=colours[m], label=m) for m in methods]
+    if handles:
+        fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.2 / width, 1))
+    fig.savefig(path)
     return path

@@ -14,13 +14,17 @@ RUNNING trials are listed in the trials table with their state and otherwise ign
 - ``report.md``: counts, baseline, the front, queries (:mod:`autodecomp.results.queries`),
   method usage, hypervolume (:mod:`autodecomp.results.markdown`);
 - ``pareto.png``, ``pareto.html`` (interactive, plotly embedded so it opens offline),
-  ``hypervolume.png`` and ``method_map.png`` (see :mod:`autodecomp.results.plots`).
+  ``hypervolume.png`` and ``method_map.png`` (see :mod:`autodecomp.results.plots`);
+- when the study stores its allocation ladder's option scores, ``sensitivity`` (CSV,
+  Parquet) and ``sensitivity.png``: every layer option's zero-training error against its
+  ratio and MACs (:mod:`autodecomp.results.sensitivity`; :func:`write_sensitivity`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,6 +50,7 @@ from .front import (
 from .markdown import summary_markdown
 from .proxy_stats import proxy_correlation_frame, pruning_frame
 from .queries import DEFAULT_QUERIES, best_trial, query_text
+from .sensitivity import sensitivity_frame, stored_scores
 from .study_view import (
     limits,
     read_study,
@@ -70,8 +75,10 @@ __all__ = [
     "read_study",
     "trials_frame",
     "write_report",
+    "write_sensitivity",
 ]
 
+_log = logging.getLogger(__name__)
 _TABLES = ("trials", "layers", "pareto", "method_usage", "hypervolume")
 _PROXY_TABLES = ("proxy_correlation", "pruning")
 
@@ -116,6 +123,16 @@ def _write_plots(
     ]
 
 
+def write_sensitivity(frame: pd.DataFrame, folder: Path, *, plot: bool = True) -> list[Path]:
+    """Write the sensitivity table (``sensitivity.csv`` / ``.parquet``) and, with ``plot``,
+    ``sensitivity.png`` into ``folder`` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = _write_table(frame, folder, "sensitivity")
+    if plot:
+        paths.append(plots.plot_sensitivity(frame, folder / "sensitivity.png"))
+    return paths
+
+
 def write_report(
     study: optuna.Study,
     folder: str | os.PathLike[str],
@@ -153,6 +170,9 @@ def write_report(
     if any("kernel_error" in t.user_attrs for t in study.get_trials(deepcopy=False)):
         frames["proxy_correlation"] = proxy_correlation_frame(study)
         frames["pruning"] = pruning_frame(study)
+    scores = stored_scores(study)
+    if scores is not None:
+        frames["sensitivity"] = sensitivity_frame(scores, study)
     asked = {"max_macs": max_macs, "max_params": max_params, "max_drop": max_drop}
     wanted = [asked] if any(v is not None for v in asked.values()) else list(DEFAULT_QUERIES)
     queries = [(q, best_trial(study, **q)) for q in wanted]
@@ -162,6 +182,8 @@ def write_report(
             paths += _write_table(frames[name], folder, name)
     if plots:
         paths += _write_plots(study, frames, folder)
+    if "sensitivity" in frames:
+        paths += write_sensitivity(frames["sensitivity"], folder, plot=plots)
     report = folder / "report.md"
     text = summary_markdown(study, frames, queries, [p.name for p in [*paths, report]], source)
     atomic_write(report, lambda tmp: Path(tmp).write_text(text))
@@ -235,18 +257,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
                 ) from None
         study = result["study"]
         base = study_baseline(study)
-        print(
+        _log.info(
             f"study {study.study_name!r}: trials {state_counts(study)}; baseline accuracy "
             f"{base['accuracy']:.4f}, {base['macs']:,} MACs, {base['params']:,} params"
         )
-        print("Pareto front (feasible, non-dominated):")
+        _log.info("Pareto front (feasible, non-dominated):")
         front = result["frames"]["pareto"]
-        print(format_front(front, front_columns(front)))
-        print(f"hypervolume {result['hypervolume']:.4f} (reference: accuracy 0, baseline cost)")
+        _log.info(format_front(front, front_columns(front)))
+        _log.info(f"hypervolume {result['hypervolume']:.4f} (reference: accuracy 0, baseline cost)")
         for query, row in result["queries"]:
-            print(f"best with {query_text(query, row)}")
+            _log.info(f"best with {query_text(query, row)}")
+        if "sensitivity" not in result["frames"]:
+            given = Path(args.study).is_dir() or Path(args.study).suffix in (".yaml", ".yml")
+            yaml = args.study if given else "studies/<name>/study.yaml"
+            _log.info(
+                f"no sensitivity table (no ladder scores stored): autodecomp sensitivity {yaml}"
+            )
         folder = result["paths"][0].parent
-        print(f"wrote {len(result['paths'])} files to {folder}")
+        _log.info(f"wrote {len(result['paths'])} files to {folder}")
         return 0
 
     return run

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..core.errors import ConfigError
+from ..core.optuna_compat import set_metric_names
 from ..measure.objectives import OBJECTIVES, ObjectiveSpec, objective, registered
 from ..search.storage import open_storage_readonly, shown
 from ..search.study import quiet_optuna
@@ -63,6 +64,8 @@ def snapshot(study: optuna.Study) -> optuna.Study:
     """
     with quiet_optuna():
         copy = optuna.create_study(study_name=study.study_name, directions=study.directions)
+        if study.metric_names is not None:
+            set_metric_names(copy, study.metric_names)
     for key, value in study.user_attrs.items():
         copy.set_user_attr(key, value)
     copy.add_trials(study.get_trials(deepcopy=False))

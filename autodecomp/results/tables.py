@@ -2,8 +2,9 @@
 
 - ``trials.csv``: one row per trial: number, state, objectives, constraints and
   feasibility, measured latency (``latency_cpu_ms`` / ``latency_cuda_ms``, when measured),
-  compression ratios (compressed / baseline), the cheap proxies (pre-fine-tune accuracy,
-  kernel / layer output / network output error, output KL, accuracy at the floor step),
+  ``macs_ratio`` / ``params_ratio`` (fractions: compressed / baseline), the cheap proxies
+  (pre-fine-tune accuracy, kernel / layer output / network output error, output KL, accuracy
+  at the floor step),
   time, why and at which stage it ended early, and ``<layer>/method`` / ``<layer>/rank``
   (and ``<layer>/prune`` for shift-pruned entries).
 - ``layers.csv``: long table, one row per (trial, layer or pruned shift block): method,
@@ -17,9 +18,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import pandas as pd
 from ..compress.plan import plan_summary
 from ..config import StudyConfig
 from ..core.files import atomic_write
+from ..core.optuna_compat import constraints as named_constraints
 from ..measure.objectives import registered
 from ..search.loop import COUNTED, counted_text
 from .study_view import value_names
@@ -47,6 +50,8 @@ __all__ = [
     "with_measured",
     "write_tables",
 ]
+
+_log = logging.getLogger(__name__)
 
 # Cheap proxy scores a trial records (see autodecomp.search.objective), besides pre_ft_accuracy.
 PROXY_ATTRS = (
@@ -68,7 +73,7 @@ def _row(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
     values = dict(zip(names, trial.values or [None] * len(names), strict=True))
     for spec in registered():
         row |= spec.cells(values, attrs)
-    constraints = trial.constraints
+    constraints = named_constraints(trial)
     for key, value in sorted(constraints.items()):
         row[f"constraint_{key}"] = value
     row["feasible"] = all(v <= 0 for v in constraints.values()) if constraints else None
@@ -195,17 +200,28 @@ def with_measured(
     return out
 
 
-# What a search prints of its front (a report shows more: autodecomp.results.front).
+# What a search prints of its front (a report shows more: autodecomp.results.front). The
+# compression factors (baseline / compressed: "MACs ÷ 10.33") as the report shows them.
 SEARCH_FRONT: dict[str, tuple[str, str | None]] = {
     "number": ("trial", None),
     "accuracy": ("accuracy", ".4f"),
     "pre_ft_accuracy": ("pre-ft", ".4f"),
     "macs": ("MACs", ",.0f"),
-    "macs_ratio": ("MACs x", ".3f"),
+    "macs_compression": ("MACs ÷", ".2f"),
     "params": ("params", ",.0f"),
-    "params_ratio": ("params x", ".3f"),
+    "params_compression": ("params ÷", ".2f"),
     "methods": ("methods", ""),
 }
+
+
+def _with_compression(front: pd.DataFrame) -> pd.DataFrame:
+    """``front`` with ``macs_compression`` / ``params_compression`` (baseline / compressed)
+    derived from the stored ``*_ratio`` (compressed / baseline) where it lacks them."""
+    out = front.copy()
+    for name in ("macs", "params"):
+        if f"{name}_compression" not in out and f"{name}_ratio" in out:
+            out[f"{name}_compression"] = 1 / pd.to_numeric(out[f"{name}_ratio"], errors="coerce")
+    return out
 
 
 def format_front(
@@ -222,7 +238,8 @@ def format_front(
     if front.empty:
         return "(no feasible completed trial yet)"
     if columns is None:
-        columns = with_measured(front, SEARCH_FRONT, after="params_ratio")
+        front = _with_compression(front)
+        columns = with_measured(front, SEARCH_FRONT, after="params_compression")
     shown = pd.DataFrame(
         {
             header: front[column] if spec is None else [format_cell(v, spec) for v in front[column]]
@@ -232,17 +249,15 @@ def format_front(
     return shown.to_string(index=False)
 
 
-def summarise_search(
-    study: optuna.Study, cfg: StudyConfig, log: Callable[[str], None] = print
-) -> dict[str, Path]:
+def summarise_search(study: optuna.Study, cfg: StudyConfig) -> dict[str, Path]:
     """Write the study's tables next to its config and log the counts and the Pareto front."""
     tables = write_tables(study, cfg.folder)
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-    log(
+    _log.info(
         f"{counted_text(counted, cfg.trials, 'counted')} ({failed} failed); "
         f"tables: {', '.join(str(p) for p in tables.values())}"
     )
-    log("Pareto front (feasible, non-dominated):")
-    log(format_front(pareto_frame(study)))
+    _log.info("Pareto front (feasible, non-dominated):")
+    _log.info(format_front(pareto_frame(study)))
     return tables

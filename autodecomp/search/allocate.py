@@ -21,15 +21,18 @@ at the cheap end) as fixed trial parameters: the study enqueues them
 first and the sampler starts from what they score. With ``initial_design.tracks`` the
 ladder also holds single-method uniform plans (:func:`uniform_plans`), one track per method;
 :class:`Ladder` probes each track once, then fills gaps from every track's rungs.
+The options' scores (:func:`option_scores`) are stored on the study beside the ladder
+(``layer_option_scores``): the per-layer sensitivity table of ``autodecomp report``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -59,19 +62,26 @@ from .space import (
 __all__ = [
     "FRONT",
     "MAX_RUNGS",
+    "OPTION_SCORES",
     "Ladder",
     "Option",
     "Rung",
+    "Rungs",
+    "Scored",
     "allocation_ladder",
     "dense_option",
     "error_front",
     "layer_options",
+    "option_scores",
+    "score_options",
     "uniform_plans",
 ]
 
+_log = logging.getLogger(__name__)
 MAX_RUNGS = 256  # allocations kept on the ladder (spread evenly over log-MACs)
 FRONT = "front"  # the track of the error front's plans
 UNIFORM_CANDIDATES = 64  # ratios tried per method for its uniform plans
+OPTION_SCORES = "layer_option_scores"  # the study's user attribute holding option_scores()
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class Option:
     params_count: int
     error: float
     ratio: float | None = None  # the grid ratio it was made at (None: keep)
+    rank: Any = None  # the rank it was fitted at (None: keep)
 
 
 class Rung(NamedTuple):
@@ -188,7 +199,9 @@ def layer_options(
                     continue
                 record = records[name]
                 error = errors.get(name, 0.0)
-                options[name].append(Option(params, record["macs"], record["params"], error, ratio))
+                options[name].append(
+                    Option(params, record["macs"], record["params"], error, ratio, record["rank"])
+                )
     return options
 
 
@@ -288,21 +301,28 @@ def _method(option: Option) -> str:
     return next(v for k, v in option.params.items() if k.endswith("/method"))
 
 
-def allocation_ladder(
+class Scored(NamedTuple):
+    """Every searched layer's scored options (:func:`layer_options`), its ``keep`` option,
+    the plan cost they were counted with and the error they were scored by (``network``,
+    ``layer`` or ``kernel``)."""
+
+    options: dict[str, list[Option]]
+    dense: dict[str, Option]
+    cost: PlanCost
+    score: str
+
+
+def score_options(
     cfg: StudyConfig,
     space: SearchSpace,
     baseline: Baseline,
     splits: DataSplits,
     grid: int,
-    log: Callable[[str], None] | None = None,
-) -> list[Rung]:
-    """The ladder's rungs: the :func:`error_front` plans within the MAC and parameter
-    budgets, cheapest first (at most ``MAX_RUNGS``, spread evenly over log-MACs; track
-    ``front``), then, with ``initial_design.tracks`` > 0, the uniform plans
-    (:func:`uniform_plans`) of that many methods, cheapest first, one method after the
-    other: those whose uniform plans have the least summed option error at the ladder's
-    probe level (:meth:`Ladder.probe_level`), the least first."""
-    start = time.perf_counter()
+    failed: list[str] | None = None,
+) -> Scored:
+    """Score every layer option of ``space`` at ``grid`` ratios on ``baseline``, without
+    training (:func:`layer_options`, scored by ``initial_design.score`` on the calibration
+    batch; the kernel error with ``proxy.calibration_size`` 0)."""
     model = baseline.model
     cost = PlanCost(model, baseline.input_shape, space.names)
     calibration = None
@@ -310,9 +330,64 @@ def allocation_ladder(
         inputs = calibration_batch(splits.train, cfg.proxy.calibration_size, cfg.seed)
         calibration = Calibration(model, inputs, cfg.device)
     dense = {layer.name: dense_option(model, cost, layer) for layer in space.layers}
-    score = cfg.initial_design.score
-    failed: list[str] = []
+    score = cfg.initial_design.score if calibration is not None else "kernel"
     options = layer_options(model, space, cost, calibration, grid, dense, score, failed)
+    return Scored(options, dense, cost, score)
+
+
+def option_scores(scored: Scored, grid: int) -> dict[str, Any]:
+    """``scored`` in a compact JSON form (stored on the study as ``OPTION_SCORES``):
+    ``{"format": 1, "score", "grid", "dense": {layer: [macs, params]}, "columns", "rows"}``,
+    one row per decomposed option: the layer, method, grid ratio, its fixed trial parameters
+    without the ``<layer>/<method>/`` prefix (``{"ratio": 0.3}``), rank, MACs, parameters
+    and error."""
+    rows = []
+    for name, opts in scored.options.items():
+        for o in opts:
+            if o.ratio is None:  # keep: its figures are the dense ones
+                continue
+            method = _method(o)
+            prefix = f"{name}/{method}/"
+            fixed = {k[len(prefix) :]: v for k, v in o.params.items() if k.startswith(prefix)}
+            rows.append([name, method, o.ratio, fixed, o.rank, o.macs, o.params_count, o.error])
+    return {
+        "format": 1,
+        "score": scored.score,
+        "grid": grid,
+        "dense": {n: [d.macs, d.params_count] for n, d in scored.dense.items()},
+        "columns": ["layer", "method", "grid_ratio", "fixed", "rank", "macs", "params", "error"],
+        "rows": json.loads(json.dumps(rows)),  # tuples (ranks) as lists, as stored
+    }
+
+
+class Rungs(list):
+    """The ladder's rungs (:class:`Rung`), carrying the :func:`option_scores` they were
+    picked from (``scores``), which :meth:`Ladder.store` puts on the study."""
+
+    def __init__(self, rungs: Iterable[Rung] = (), scores: dict[str, Any] | None = None) -> None:
+        super().__init__(rungs)
+        self.scores = scores
+
+
+def allocation_ladder(
+    cfg: StudyConfig,
+    space: SearchSpace,
+    baseline: Baseline,
+    splits: DataSplits,
+    grid: int,
+) -> Rungs:
+    """The ladder's rungs: the :func:`error_front` plans within the MAC and parameter
+    budgets, cheapest first (at most ``MAX_RUNGS``, spread evenly over log-MACs; track
+    ``front``), then, with ``initial_design.tracks`` > 0, the uniform plans
+    (:func:`uniform_plans`) of that many methods, cheapest first, one method after the
+    other: those whose uniform plans have the least summed option error at the ladder's
+    probe level (:meth:`Ladder.probe_level`), the least first. The options' scores
+    (:func:`score_options`) ride along as ``scores`` (:func:`option_scores`)."""
+    start = time.perf_counter()
+    model = baseline.model
+    failed: list[str] = []
+    scored = score_options(cfg, space, baseline, splits, grid, failed)
+    options, dense, cost = scored.options, scored.dense, scored.cost
     names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
     found: list[Rung] = []
@@ -343,16 +418,15 @@ def allocation_ladder(
         )
         tracks = ranked[: cfg.initial_design.tracks]
         rungs += [rung for m in tracks for rung in uniform[m]]
-    if log is not None and failed:
-        log(f"allocation ladder: {len(failed)} layer options left out, e.g. {failed[0]}")
-    if log is not None:
-        count = sum(len(o) for o in options.values())
-        extra = f"; uniform tracks {', '.join(tracks)}" if tracks else ""
-        log(
-            f"allocation ladder: {len(rungs)} zero-training allocations within budget "
-            f"({count} layer options scored in {time.perf_counter() - start:.1f} s{extra})"
-        )
-    return rungs
+    if failed:
+        _log.info(f"allocation ladder: {len(failed)} layer options left out, e.g. {failed[0]}")
+    count = sum(len(o) for o in options.values())
+    extra = f"; uniform tracks {', '.join(tracks)}" if tracks else ""
+    _log.info(
+        f"allocation ladder: {len(rungs)} zero-training allocations within budget "
+        f"({count} layer options scored in {time.perf_counter() - start:.1f} s{extra})"
+    )
+    return Rungs(rungs, option_scores(scored, grid))
 
 
 class Ladder:
@@ -387,13 +461,18 @@ class Ladder:
         plans: int,
         accuracy_index: int,
         baseline_accuracy: float,
+        scores: dict[str, Any] | None = None,
     ) -> None:
         self.rungs = [Rung(*rung) for rung in rungs]
         self.plans = plans
         self.accuracy_index, self.baseline_accuracy = accuracy_index, baseline_accuracy
+        self.scores = scores if scores is not None else getattr(rungs, "scores", None)
 
     def store(self, study: optuna.Study) -> None:
-        """Put the ladder on ``study`` and enqueue its cheapest rung."""
+        """Put the ladder (and its option scores, if any) on ``study`` and enqueue its
+        cheapest rung."""
+        if self.scores:
+            study.set_user_attr(OPTION_SCORES, self.scores)
         study.set_user_attr(
             self.ATTR,
             {"rungs": [list(rung) for rung in self.rungs], "plans": self.plans,

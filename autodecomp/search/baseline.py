@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import re
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,8 @@ from ..workload import train
 from ..workload.data import DataSplits, make_loader
 
 __all__ = ["Baseline", "cache_paths", "load_baseline"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -176,11 +178,11 @@ def _check_finite(model: nn.Module, where: Path) -> None:
             )
 
 
-def _warn_if_chance(accuracy: float, classes: int, log: Callable[[str], None]) -> None:
+def _warn_if_chance(accuracy: float, classes: int) -> None:
     """A warning line when the accuracy is within a tenth of the way from chance to 1."""
     chance = 1 / classes
     if accuracy <= chance + 0.1 * (1 - chance):
-        log(
+        _log.warning(
             f"warning: the baseline's validation accuracy {accuracy:.4f} is at chance level "
             f"(1/{classes} classes = {chance:.4f}): it looks untrained or broken, and the "
             "search would compare noise; check baseline.checkpoint or the training recipe"
@@ -206,16 +208,15 @@ def load_baseline(
     model: nn.Module,
     splits: DataSplits,
     *,
-    log: Callable[[str], None] = print,
     may_train: bool = True,
 ) -> Baseline:
-    """Load (``baseline.checkpoint``), reuse (cache) or train the baseline, then measure it.
+    """Load (``baseline.checkpoint``), reuse (cache) or train the baseline, then measure it;
+    progress lines are logged (INFO; a baseline at chance level or an unreadable cache: WARNING).
 
     Args:
         cfg: the study.
         model: the freshly built model; its weights are replaced.
         splits: the data; accuracy is measured on ``splits.val``.
-        log: receives progress lines (and warning lines).
         may_train: train when there is no cache, or over an unreadable one (with a warning
             line); ``False`` (export) makes either an error naming the file.
 
@@ -245,14 +246,16 @@ def load_baseline(
             if path.exists() and meta.exists():
                 try:
                     accuracy = _read_cache(model, path, meta, device)
-                    log(f"baseline: reusing {path.name} (val accuracy {accuracy:.4f})")
+                    _log.info("baseline: reusing %s (val accuracy %.4f)", path.name, accuracy)
                 except ConfigError as err:
                     if not may_train:
                         raise ConfigError(
                             f"{err}; delete {path.name} and {meta.name} in {path.parent} and run "
                             "the search again to retrain it"
                         ) from None
-                    log(f"warning: {err}; ignoring the cache and training the baseline again")
+                    _log.warning(
+                        "warning: %s; ignoring the cache and training the baseline again", err
+                    )
             elif not may_train:
                 missing = meta if path.exists() else path
                 raise ConfigError(
@@ -260,14 +263,14 @@ def load_baseline(
                 )
             if accuracy is None:
                 try:
-                    accuracy = _train(cfg, model, splits, val, path, meta, log)
+                    accuracy = _train(cfg, model, splits, val, path, meta)
                 except FloatingPointError as err:
                     raise ConfigError(
                         f"baseline training diverged ({_first_line(err)}); lower baseline.lr"
                     ) from None
         _check_finite(model, path)
     model.eval()
-    _warn_if_chance(accuracy, splits.num_classes, log)
+    _warn_if_chance(accuracy, splits.num_classes)
     shape = tuple(splits.input_shape)
     return Baseline(model, accuracy, count_macs(model, shape), count_params(model), shape, path)
 
@@ -286,11 +289,15 @@ def _train(
     val: DataLoader,
     path: Path,
     meta: Path,
-    log: Callable[[str], None],
 ) -> float:
     """Train by the recipe, measure, and cache the state dict and its accuracies."""
     recipe = cfg.baseline
-    log(f"baseline: training {cfg.model.name} for {recipe.epochs} epochs (cached in {path.parent})")
+    _log.info(
+        "baseline: training %s for %d epochs (cached in %s)",
+        cfg.model.name,
+        recipe.epochs,
+        path.parent,
+    )
     train.set_seed(cfg.seed)
     loader = make_loader(
         splits.train,
@@ -308,7 +315,6 @@ def _train(
         lr=recipe.lr,
         weight_decay=recipe.weight_decay,
         device=cfg.device,
-        log=log,
     )
     seconds = time.perf_counter() - start
     accuracy = train.evaluate(model, val, device=cfg.device)
@@ -323,8 +329,10 @@ def _train(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: _save_state(state, tmp))
     atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    log(
-        f"baseline: val accuracy {accuracy:.4f}, test accuracy {record['test_accuracy']:.4f} "
-        f"({seconds:.1f} s)"
+    _log.info(
+        "baseline: val accuracy %.4f, test accuracy %.4f (%.1f s)",
+        accuracy,
+        record["test_accuracy"],
+        seconds,
     )
     return accuracy

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -44,6 +45,7 @@ __all__ = [
     "sigterm_as_interrupt",
 ]
 
+_log = logging.getLogger(__name__)
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 
@@ -204,12 +206,12 @@ def run_until_total(
     heartbeat: Heartbeat,
     attrs: Mapping[str, Any],
     callbacks: Sequence[Callback] = (),
-    log: Callable[[str], None] = print,
 ) -> LoopResult:
     """:func:`run_trials` as a process of the study runs it: with the study's start lock,
     the objective's failures caught (:data:`~autodecomp.search.objective.CATCH`), the
     interrupted trial re-queued on Ctrl-C or SIGTERM, and a storage failure turned into a
-    one-line :class:`ConfigError`.
+    one-line :class:`ConfigError`. When this process starts waiting for running trials of
+    others, it logs a line.
 
     Args:
         study: the study, loaded from ``storage`` (opened with ``heartbeat``).
@@ -220,7 +222,6 @@ def run_until_total(
         heartbeat: the storage's heartbeat settings (the retry callback, the polling period).
         attrs: user attributes set on each trial (the process's identity).
         callbacks: called with each finished trial.
-        log: receives the line said when this process starts waiting for running trials.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -230,7 +231,7 @@ def run_until_total(
         finished.append(trial.number)
 
     def waiting(running: int) -> None:
-        log(
+        _log.info(
             f"waiting for {running} running trial(s) of other processes (a trial whose process "
             f"died is failed and re-queued after {heartbeat.grace_s} s without a heartbeat)"
         )

@@ -42,6 +42,7 @@ from torch.utils.data import Subset
 from ..compress.calibration import collect_input_stats
 from ..compress.surgery import apply_plan
 from ..config import StudyConfig
+from ..core.optuna_compat import set_constraints
 from ..decompositions import DecompositionError, UnsupportedLayerError
 from ..factorize.input_stats import InputStats
 from ..measure.latency import LatencyMeter, structure_key
@@ -173,8 +174,7 @@ class Objective:
             with clock("latency"):
                 latency = self._measure_latency(trial, model, layers)
             cost["latency"] = self.latency.value(latency)
-        for key, limit in self.limits.items():
-            trial.set_constraint(key, cost[key] / limit - 1.0)
+        set_constraints(trial, {key: cost[key] / limit - 1.0 for key, limit in self.limits.items()})
         over = any(cost[key] > limit for key, limit in self.limits.items())
         with clock("proxy"):
             scores = self._scores(model, layers, trained=not over)

@@ -16,8 +16,9 @@ study recorded when it was created.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,6 +35,8 @@ from .storage import open_storage_readonly, shown
 from .study import prepare, quiet_optuna
 
 __all__ = ["FIGURES", "Replayed", "environment_changes", "format_replay", "replay_trial"]
+
+_log = logging.getLogger(__name__)
 
 FIGURES = ("accuracy", "macs", "params")  # compared between the study and the replay
 
@@ -105,7 +108,6 @@ def replay_trial(
     number: int,
     *,
     device: str | None = None,
-    log: Callable[[str], Any] = print,
 ) -> Replayed:
     """Re-run trial ``number`` of the study ``cfg`` names, from what the study stored.
 
@@ -115,7 +117,6 @@ def replay_trial(
         number: a COMPLETE trial's number.
         device: run on this device (default: the stored one; the CPU when that is a GPU
             this machine lacks).
-        log: receives progress lines.
 
     Raises:
         ConfigError: no such study or trial, or the trial is not COMPLETE.
@@ -125,12 +126,12 @@ def replay_trial(
         frozen = _complete_trial(study, number)
     run_cfg = _stored_config(study, cfg, device)
     prepared = prepare(run_cfg)
-    baseline = load_baseline(run_cfg, prepared.model, prepared.splits, log=log)
+    baseline = load_baseline(run_cfg, prepared.model, prepared.splits)
     objective = Objective(run_cfg, prepared.space, baseline, prepared.splits)
     trial = FixedTrial(dict(frozen.params), number)
     threads = torch.get_num_threads()
     plural = "" if threads == 1 else "s"
-    log(f"trial {number}: replaying on {run_cfg.device} ({threads} thread{plural})")
+    _log.info(f"trial {number}: replaying on {run_cfg.device} ({threads} thread{plural})")
     outcome = None
     replayed: dict[str, float] = {}
     try:

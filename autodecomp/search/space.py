@@ -70,6 +70,7 @@ class LayerSpace:
     prune: RatioRange | None = None  # the pruning range of the choices in ``prunable``
     prunable: tuple[str, ...] = ()  # choices whose decomposed layer is pruned as well
     rank_multiple: int = 1  # ratio-chosen channel ranks >= this: rounded down to a multiple
+    solvers: dict[str, str] = field(default_factory=dict)  # method -> non-default solver
 
     def param_names(self) -> list[str]:
         """Every parameter name this layer can produce."""
@@ -206,6 +207,7 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
                 prune=cfg.shift_prune if prunable else None,
                 prunable=prunable,
                 rank_multiple=cfg.rank_multiple,
+                solvers={m: s for m, s in cfg.solvers.items() if m in offered},
             )
         )
     blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
@@ -235,7 +237,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
             fields["prune"] = _suggest_ratio(trial, f"{layer.name}/{method}/prune", layer.prune)
         if space.init == "data" and data_init_supported(layer, method):
             fields["init"] = "data"
-        plan[layer.name] = PlanEntry(method, **fields).to_dict()
+        options = {"solver": layer.solvers[method]} if method in layer.solvers else {}
+        plan[layer.name] = PlanEntry(method, **fields, options=options).to_dict()
     for block in space.blocks:
         prune = _suggest_ratio(trial, f"{block.name}/shift_prune", block.prune)
         plan[block.name] = PlanEntry(PRUNE, prune=prune).to_dict()

@@ -39,12 +39,12 @@ from urllib.parse import quote
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import GrpcStorageProxy, JournalStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from ..core.errors import ConfigError
 from ..core.files import exclusive_lock
+from ..core.optuna_compat import BaseHeartbeat, trial_id, without_constraints
 
 __all__ = [
     "GRPC_SCHEME",
@@ -70,7 +70,6 @@ _HEARTBEAT_ATTR = "autodecomp:heartbeat"
 _SERVER_POOL = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True, "pool_recycle": 1800}
 _CONNECT_TIMEOUT_S = 10
 _LOCK_IDLE_TIMEOUT = "120s"  # a lock holder that vanished mid-transaction is cut off after this
-_CONSTRAINT_PREFIX = "constraints:"  # Optuna keeps trial.set_constraint values under this key
 
 
 class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
@@ -82,8 +81,8 @@ class _RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         fresh = copy.copy(trial)
         fresh.system_attrs = {
             key: value
-            for key, value in trial.system_attrs.items()
-            if not key.startswith(_CONSTRAINT_PREFIX) and key != _HEARTBEAT_ATTR
+            for key, value in without_constraints(trial.system_attrs).items()
+            if key != _HEARTBEAT_ATTR
         }
         super().__call__(study, fresh)
 
@@ -331,7 +330,7 @@ class _AttrHeartbeat(BaseHeartbeat):
             # a retried trial inherits its predecessor's system attributes: take the later one
             last = max(float(trial.system_attrs.get(_HEARTBEAT_ATTR, 0.0)), start)
             if now - last > self._heartbeat.grace_s:
-                stale.append(trial._trial_id)
+                stale.append(trial_id(trial))
         return stale
 
     def get_heartbeat_interval(self) -> int:

@@ -19,6 +19,8 @@ of a study shared by many processes (:mod:`autodecomp.search.worker`).
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 import os
 import socket
 import sys
@@ -36,6 +38,7 @@ from torch import nn
 from ..compress.plan import plan_summary
 from ..config import SAMPLERS, SamplerConfig, StudyConfig, config_from_dict
 from ..core.errors import ConfigError
+from ..core.optuna_compat import set_metric_names
 from ..factorize import default_cache
 from ..workload import train
 from ..workload.data import DataSplits, load_data
@@ -67,6 +70,9 @@ __all__ = [
     "study_callbacks",
     "trial_summary",
 ]
+
+_log = logging.getLogger(__name__)
+_RATIOS = ("macs_ratio", "params_ratio")  # compressed / baseline, as trials store them
 
 # Config keys that may differ between the stored study and a resuming run.
 _HARMLESS = {"trials", "storage", "device", "threads", "deterministic", "space.source"}
@@ -205,7 +211,6 @@ def open_study(
     cfg: StudyConfig,
     prepared: Prepared,
     baseline: Baseline,
-    log: Callable[[str], None] | None = None,
     storage: optuna.storages.BaseStorage | None = None,
 ) -> optuna.Study:
     """Load the study, or create it (storing config, folder and baseline, enqueueing warm
@@ -218,12 +223,11 @@ def open_study(
     ladder = None
     if cfg.initial_design.plans > 0 and not _exists(storage, cfg.name):
         rungs = allocation_ladder(
-            cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid, log=log
+            cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid
         )
         accuracy_index = cfg.objectives.index("accuracy")
         ladder = Ladder(rungs, cfg.initial_design.plans, accuracy_index, baseline.accuracy)
-        if log is not None:
-            log(f"up to {min(ladder.plans, len(rungs))} trials climb it, after any warm starts")
+        _log.info(f"up to {min(ladder.plans, len(rungs))} trials climb it, after any warm starts")
     try:
         study = optuna.create_study(
             study_name=cfg.name,
@@ -234,8 +238,11 @@ def open_study(
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=prepared.sampler)
         check_same_config(cfg.name, study.user_attrs.get("config"), config)
+        if study.metric_names is None:  # made before studies named their values
+            set_metric_names(study, cfg.objectives)
         study.sampler = make_sampler(cfg.sampler, offset=len(study.get_trials(deepcopy=False)))
         return study
+    set_metric_names(study, cfg.objectives)
     study.set_user_attr("config", config)
     study.set_user_attr("folder", str(cfg.folder))
     study.set_user_attr("baseline", baseline.info())
@@ -249,12 +256,14 @@ def open_study(
 
 
 def trial_summary(trial: FrozenTrial, accuracy_index: int) -> str:
-    """One line per finished trial: state, cost ratios, accuracy, seconds, plan."""
+    """One line per finished trial: state, compression factors (baseline / compressed, as
+    the report shows them: ``MACs ÷ 10.33``), accuracy, seconds, plan."""
     attrs = trial.user_attrs
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     parts = [f"trial {trial.number:4d}", f"{trial.state.name:8s}"]
     if "macs_ratio" in attrs:
-        parts.append(f"MACs {attrs['macs_ratio']:.3f}x params {attrs['params_ratio']:.3f}x")
+        macs, params = (1 / attrs[k] if attrs[k] else math.inf for k in _RATIOS)
+        parts.append(f"MACs ÷ {macs:.2f} params ÷ {params:.2f}")
     if trial.state == TrialState.COMPLETE and attrs.get("over_budget"):
         parts.append("over budget (not trained)")
     elif trial.state == TrialState.COMPLETE:
@@ -268,22 +277,24 @@ def trial_summary(trial: FrozenTrial, accuracy_index: int) -> str:
 
 
 @contextmanager
-def _progress(
-    cfg: StudyConfig, done: int, log: Callable[[str], None]
-) -> Iterator[Callable[[optuna.Study, FrozenTrial], None]]:
+def _progress(cfg: StudyConfig, done: int) -> Iterator[Callable[[optuna.Study, FrozenTrial], None]]:
     from tqdm.auto import tqdm
 
     accuracy_index = cfg.objectives.index("accuracy")
-    bar = tqdm(total=cfg.trials, initial=done, unit="trial", file=sys.stderr, disable=None)
+    shown = _log.isEnabledFor(logging.INFO)  # no bar under --quiet
+    bar = tqdm(
+        total=cfg.trials,
+        initial=done,
+        unit="trial",
+        file=sys.stderr,
+        disable=None if shown else True,
+    )
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state in COUNTED:
             bar.update(1)
-        line = trial_summary(trial, accuracy_index)
-        if bar.disable:
-            log(line)
-        else:
-            bar.write(line)
+        with bar.external_write_mode():  # the line is not drawn over the bar
+            _log.info(trial_summary(trial, accuracy_index))
 
     try:
         yield callback
@@ -304,9 +315,11 @@ def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 @contextmanager
 def quiet_optuna() -> Iterator[None]:
-    """Optuna's own per-trial logs (with tracebacks) are replaced by one line per trial."""
+    """Optuna's own per-trial logs (with tracebacks) are replaced by one line per trial,
+    unless the ``autodecomp`` loggers show DEBUG lines (``--verbose``)."""
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if not _log.isEnabledFor(logging.DEBUG):
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         yield
     finally:
@@ -333,36 +346,36 @@ def study_callbacks(
     return [] if ladder is None else [ladder]
 
 
-def prepare_baseline(
-    cfg: StudyConfig, log: Callable[[str], None] = print, *, may_train: bool = True
-) -> tuple[Prepared, Baseline]:
+def prepare_baseline(cfg: StudyConfig, *, may_train: bool = True) -> tuple[Prepared, Baseline]:
     """:func:`prepare`, check the storage and that the budgets admit a plan of the space
     (:func:`~autodecomp.search.space.check_budgets`), all with nothing written; then load,
     reuse or (``may_train``; workers never do) train the baseline."""
     prepared = prepare(cfg)
     check_storage(cfg.storage)
     check_budgets(prepared.model, prepared.space, cfg.budgets, prepared.splits.input_shape)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log, may_train=may_train)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, may_train=may_train)
     return prepared, baseline
 
 
-def setup_study(cfg: StudyConfig, *, log: Callable[[str], None] = print) -> optuna.Study:
+def setup_study(cfg: StudyConfig) -> optuna.Study:
     """Validate, prepare the baseline and create (or check) the study; run no trial.
 
     The first step of a study shared by many processes: afterwards ``autodecomp worker``
     processes join it with only its name and storage URL.
     """
-    prepared, baseline = prepare_baseline(cfg, log)
+    prepared, baseline = prepare_baseline(cfg)
     factors = cfg.folder / "cache" / "factors"
     with setup_lock(cfg.storage), quiet_optuna(), shared_factor_cache(factors):
-        study = open_study(cfg, prepared, baseline, log)
-    log(
+        study = open_study(cfg, prepared, baseline)
+    _log.info(
         f"study {cfg.name!r} is ready: {counted_text(_count(study, COUNTED), cfg.trials, 'done')}; "
         f"baseline val accuracy {baseline.accuracy:.4f}, cache in {cfg.folder / 'cache'}"
     )
-    log(f"start workers with: autodecomp worker --study {cfg.name} --storage {cfg.storage}")
+    _log.info(f"start workers with: autodecomp worker --study {cfg.name} --storage {cfg.storage}")
     if cfg.storage.startswith("sqlite"):
-        log("(SQLite is for one process; several: journal:///... or postgresql+psycopg2://...)")
+        _log.info(
+            "(SQLite is for one process; several: journal:///... or postgresql+psycopg2://...)"
+        )
     return study
 
 
@@ -370,20 +383,19 @@ def run_search(
     cfg: StudyConfig,
     *,
     heartbeat: Heartbeat | None = None,
-    log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Validate, prepare the baseline, create (or load) the study, then run its trials until
     it has ``trials`` COMPLETE + PRUNED ones: what :func:`setup_study` does, then a worker's loop
     (:func:`~autodecomp.search.loop.run_until_total`; ``heartbeat``: its heartbeat and
     retry settings, default :class:`~autodecomp.search.storage.Heartbeat`)."""
     heartbeat = heartbeat or Heartbeat()
-    prepared, baseline = prepare_baseline(cfg, log)
+    prepared, baseline = prepare_baseline(cfg)
     with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
         with setup_lock(cfg.storage):  # concurrent runs: one creates the study, once
             storage = open_storage(cfg.storage, heartbeat)
-            study = open_study(cfg, prepared, baseline, log, storage)
+            study = open_study(cfg, prepared, baseline, storage)
         done = _count(study, COUNTED)
-        log(
+        _log.info(
             f"study {cfg.name!r}: {counted_text(done, cfg.trials, 'done')}"
             f"{'; nothing to run' if done >= cfg.trials else ''}; baseline val accuracy "
             f"{baseline.accuracy:.4f}, {baseline.macs:,} MACs, {baseline.params:,} params; "
@@ -394,7 +406,7 @@ def run_search(
             return SearchResult(study, interrupted=False)
         objective = Objective(cfg, prepared.space, baseline, prepared.splits)
         identity = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.device}
-        with _progress(cfg, done, log) as progress:
+        with _progress(cfg, done) as progress:
             result = run_until_total(
                 study,
                 objective,
@@ -404,10 +416,11 @@ def run_search(
                 heartbeat=heartbeat,
                 attrs={"worker": {**identity, "command": "search"}},
                 callbacks=[*study_callbacks(study, cfg), progress],
-                log=log,
             )
     if result.interrupted:
-        log("interrupted (the running trial is re-queued): writing the tables of the trials so far")
+        _log.info(
+            "interrupted (the running trial is re-queued): writing the tables of the trials so far"
+        )
     if result.stopped:
-        log(f"stopping: {result.stopped}")
+        _log.warning(f"stopping: {result.stopped}")
     return SearchResult(study, result.interrupted, result.stopped)

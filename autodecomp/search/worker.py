@@ -17,9 +17,9 @@ host, pid, index, seed and device on its trials (user attribute ``worker``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import StudyConfig, config_from_dict
 from ..core.errors import ConfigError
+from ..core.logs import worker_fields
 from .baseline import Baseline, cache_paths
 from .loop import (
     COUNTED,
@@ -58,6 +59,7 @@ __all__ = [
     "worker_config",
 ]
 
+_log = logging.getLogger(__name__)
 _SEED_STRIDE = 1_000_003  # worker k samples with seed: study seed + stride * (k + 1)
 
 
@@ -148,9 +150,11 @@ def run_worker(
     folder: str | os.PathLike[str] | None = None,
     index: int | None = None,
     heartbeat: Heartbeat | None = None,
-    log: Callable[[str], None] = print,
 ) -> WorkerResult:
     """Join the study and run its trials until it has ``total`` COMPLETE + PRUNED trials.
+
+    Every line it logs is the worker's (:func:`~autodecomp.core.logs.worker_fields`: the
+    command line shows a timestamp and ``worker <index>:`` before each).
 
     Args:
         study_name: the study, created by ``autodecomp create``.
@@ -160,12 +164,24 @@ def run_worker(
         folder: the study folder, if not at the path it was created at.
         index: this worker's number, which seeds its sampler (default: the process id).
         heartbeat: heartbeat and retry settings (default: :class:`Heartbeat`).
-        log: receives progress lines.
 
     Raises:
         ConfigError: an unreachable storage, a missing study, folder or baseline.
     """
-    heartbeat = heartbeat or Heartbeat()
+    index = os.getpid() if index is None else index
+    with worker_fields(index):
+        return _run(study_name, url, total, device, folder, index, heartbeat or Heartbeat())
+
+
+def _run(
+    study_name: str,
+    url: str,
+    total: int | None,
+    device: str | None,
+    folder: str | os.PathLike[str] | None,
+    index: int,
+    heartbeat: Heartbeat,
+) -> WorkerResult:
     check_storage(url)
     journal = journal_path(url)
     if journal is not None and not journal.is_file():
@@ -175,10 +191,9 @@ def run_worker(
         study = join_study(storage, url, study_name)
     cfg = worker_config(study, url, folder=folder, device=device, total=total)
     _check_baseline_files(cfg)
-    prepared, baseline = prepare_baseline(cfg, log, may_train=False)
+    prepared, baseline = prepare_baseline(cfg, may_train=False)
     _check_same_baseline(study, baseline)
 
-    index = os.getpid() if index is None else index
     offset = _SEED_STRIDE * (index + 1)
     study.sampler = make_sampler(cfg.sampler, offset, parallel=True)
     identity = {
@@ -190,14 +205,14 @@ def run_worker(
     }
     objective = Objective(cfg, prepared.space, baseline, prepared.splits)
     accuracy_index = cfg.objectives.index("accuracy")
-    log(
-        f"worker {index} ({identity['host']} pid {identity['pid']}, {cfg.device}, sampler "
-        f"seed {identity['seed']}) joined study {study_name!r} at {shown(url)}: "
+    _log.info(
+        f"joined study {study_name!r} at {shown(url)} ({identity['host']} pid "
+        f"{identity['pid']}, {cfg.device}, sampler seed {identity['seed']}): "
         f"{counted_text(_counted(study), cfg.trials, 'counted')}"
     )
 
     def progress(_study: optuna.Study, trial: FrozenTrial) -> None:
-        log(f"worker {index}: {trial_summary(trial, accuracy_index)}")
+        _log.info(trial_summary(trial, accuracy_index))
 
     with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
         result = run_until_total(
@@ -209,16 +224,15 @@ def run_worker(
             heartbeat=heartbeat,
             attrs={"worker": identity},
             callbacks=[*study_callbacks(study, cfg), progress],
-            log=lambda line: log(f"worker {index}: {line}"),
         )
     if result.interrupted:
-        log(f"worker {index}: interrupted; its running trial is re-queued")
+        _log.info("interrupted; its running trial is re-queued")
     if result.stopped:
-        log(f"worker {index}: stopping: {result.stopped}")
+        _log.warning(f"stopping: {result.stopped}")
     counted = _counted(study)
     failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    log(
-        f"worker {index}: study {study_name!r} has {counted_text(counted, cfg.trials, 'counted')} "
+    _log.info(
+        f"study {study_name!r} has {counted_text(counted, cfg.trials, 'counted')} "
         f"({failed} failed); this worker ran {result.ran}. Tables and plots: "
         f"autodecomp report {url} --study-name {study_name}"
     )

@@ -5,6 +5,10 @@ The default ``torch`` format is :mod:`autodecomp.ship.model_file`'s (read back b
 (``.pt2``, the metadata as the extra file ``autodecomp.json``; load with
 ``torch.export.load(path).module()``); ``--format onnx`` an ONNX file with the metadata in
 ``metadata_props`` (needs ``onnx`` and ``onnxscript``).
+
+``--best`` picks the trial instead of ``--trial N``: the best one under ``--max-drop`` /
+``--max-macs`` / ``--max-params``, as ``autodecomp report`` answers the same query
+(:func:`autodecomp.results.queries.best_trial`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -29,6 +34,7 @@ from ..config import load_config
 from ..core.errors import ConfigError
 from ..core.files import atomic_write
 from ..measure.cost import count_macs, count_params
+from ..results.queries import best_trial, query_text
 from ..results.study_view import read_study
 from ..search.baseline import cache_paths, load_baseline
 from ..search.objective import data_init_stats
@@ -38,9 +44,10 @@ from ..workload.data import DataSplits, make_loader
 from ..workload.proxy import ProxyResult, proxy_distill, proxy_finetune, proxy_loader
 from .model_file import explicit_plan, jsonable, save_model, versions
 
-__all__ = ["FORMATS", "Exported", "configure_parser", "export_trial"]
+__all__ = ["FORMATS", "Exported", "configure_parser", "export_trial", "pick_best"]
 
 FORMATS = {"torch": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
+_log = logging.getLogger(__name__)
 
 
 # ---- other formats ---------------------------------------------------------------------------
@@ -199,7 +206,6 @@ def export_trial(
     finetune_epochs: int = 0,
     lr: float | None = None,
     fmt: str = "torch",
-    log: Callable[[str], Any] = print,
 ) -> Exported:
     """Rebuild trial ``trial`` of a study from its plan and cached baseline, fine-tune it by
     distillation, evaluate it on the validation and test splits, and save it.
@@ -214,7 +220,6 @@ def export_trial(
             over the training split (a fresh cosine schedule).
         lr: peak learning rate of those epochs (default ``proxy.lr``).
         fmt: ``"torch"``, ``"torch-export"`` or ``"onnx"``.
-        log: receives progress lines.
 
     Returns:
         The file, its metadata (everything but the state dict) and the model.
@@ -236,14 +241,14 @@ def export_trial(
             f"baseline {str(cached)!r} is missing: export needs the baseline the search used"
         )
     prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits, log=log, may_train=False)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits, may_train=False)
     plan = frozen.user_attrs["plan"]
     if frozen.user_attrs.get("over_budget"):
-        log(f"note: trial {trial} is over the study's budget (the search did not train it)")
+        _log.info(f"note: trial {trial} is over the study's budget (the search did not train it)")
     data_init = data_init_layers(plan)
     stats = data_init_stats(cfg, baseline.model, prepared.splits, data_init) if data_init else None
     model = apply_plan(baseline.model, plan, calibration=stats)
-    log(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
+    _log.info(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
     evaluate = cfg.proxy.eval_batch_size
     val = make_loader(prepared.splits.val, batch_size=evaluate, shuffle=False)
     test = make_loader(prepared.splits.test, batch_size=evaluate, shuffle=False)
@@ -252,7 +257,7 @@ def export_trial(
     )
     searched = frozen.values[cfg.objectives.index("accuracy")]
     if proxy.accuracy != searched and not frozen.user_attrs.get("over_budget"):
-        log(
+        _log.warning(
             f"warning: the replayed proxy fine-tune reaches validation accuracy "
             f"{proxy.accuracy:.4f}, the search recorded {searched:.4f} (another device, "
             "thread count or library version?)"
@@ -272,7 +277,7 @@ def export_trial(
     metrics |= {"baseline": {k: stored[k] for k in ("accuracy", "macs", "params")}}
     if (metrics["macs"], metrics["params"]) != (frozen.user_attrs.get("macs"),
                                                 frozen.user_attrs.get("params")):  # fmt: skip
-        log("warning: the rebuilt model's MACs / params differ from the study's figures")
+        _log.warning("warning: the rebuilt model's MACs / params differ from the study's figures")
     meta = {
         "model": {
             "name": cfg.model.name,
@@ -294,18 +299,53 @@ def export_trial(
         _save_torch_export(model, path, meta)
     else:
         _save_onnx(model, path, meta)
-    log(
+    _log.info(
         f"wrote {path}: test accuracy {metrics['test_accuracy']:.4f} (val "
         f"{metrics['val_accuracy']:.4f}), {metrics['macs']:,} MACs, {metrics['params']:,} params"
     )
     return Exported(path, meta, model)
 
 
+def pick_best(
+    cfg: Any,
+    *,
+    max_drop: float | str | None = None,
+    max_macs: float | str | None = None,
+    max_params: float | str | None = None,
+) -> int:
+    """The number of the study's best trial within the limits (those of ``autodecomp report``:
+    :func:`~autodecomp.results.queries.best_trial`); says which one it picked.
+
+    Raises:
+        ConfigError: a malformed limit, or no trial within them.
+    """
+    query = {"max_macs": max_macs, "max_params": max_params, "max_drop": max_drop}  # as report
+    row = best_trial(read_study(cfg.storage, cfg.name), **query)
+    asked = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in query.items() if v is not None)
+    if row is None:
+        raise ConfigError(
+            f"no trial of study {cfg.name!r} meets {asked or 'no limit'}; see the Pareto front "
+            "with autodecomp report, or loosen the limits"
+        )
+    text = query_text(query, row)
+    _log.info(f"--best picked {text if asked else 'the most accurate' + text}")
+    return int(row["number"])
+
+
 # ---- command line ------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """Add ``autodecomp export`` arguments to ``parser``; returns the handler."""
     parser.add_argument("study", help="path to studies/<name>/study.yaml (or its folder)")
-    parser.add_argument("--trial", type=int, required=True, help="the trial number to export")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="the trial number to export")
+    which.add_argument(
+        "--best",
+        action="store_true",
+        help="export the best trial under --max-drop / --max-macs / --max-params (as report)",
+    )
+    parser.add_argument("--max-drop", help="with --best: within this accuracy drop (0.01, 1%%)")
+    parser.add_argument("--max-macs", help="with --best: MACs <= this (0.5, 50%%, 0.5x, 300k)")
+    parser.add_argument("--max-params", help="with --best: params <= this")
     parser.add_argument(
         "--finetune-epochs",
         type=int,
@@ -331,12 +371,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
             overrides.append(f"storage={json.dumps(args.storage)}")
         if args.device is not None:
             overrides.append(f"device={json.dumps(args.device)}")
+        limits = {"max_drop": args.max_drop, "max_macs": args.max_macs,
+                  "max_params": args.max_params}  # fmt: skip
+        if not args.best and any(v is not None for v in limits.values()):
+            raise ConfigError("--max-drop, --max-macs and --max-params go with --best, not --trial")
         cfg = load_config(args.study, overrides)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         export_trial(
             cfg,
-            args.trial,
+            pick_best(cfg, **limits) if args.best else args.trial,
             args.output,
             finetune_epochs=args.finetune_epochs,
             lr=args.lr,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from torch import nn
 __all__ = ["distill", "evaluate", "kd_loss", "recalibrate_bn", "set_seed", "train_baseline"]
 
 Batch = Any
+_log = logging.getLogger(__name__)
 
 
 def set_seed(seed: int) -> None:
@@ -87,7 +89,6 @@ def train_baseline(
     lr: float,
     weight_decay: float = 5e-4,
     device: torch.device | str = "cpu",
-    log: Callable[[str], Any] | None = None,
     warmup_epochs: float = 0.0,
     label_smoothing: float = 0.0,
 ) -> nn.Module:
@@ -100,12 +101,11 @@ def train_baseline(
         lr: peak learning rate.
         weight_decay: L2 penalty on all parameters.
         device: where to train.
-        log: called with a one-line summary after every epoch (e.g. ``print``).
         warmup_epochs: linear warm-up length (may be fractional).
         label_smoothing: cross-entropy label smoothing.
 
     Returns:
-        ``model``, in eval mode.
+        ``model``, in eval mode. A one-line summary of every epoch is logged (INFO).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -131,11 +131,13 @@ def train_baseline(
             seen += targets.numel()
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training loss became non-finite in epoch {epoch}")
-        if log is not None:
-            log(
-                f"epoch {epoch}/{epochs} loss {total_loss / max(1, seen):.4f} "
-                f"({time.perf_counter() - start:.1f} s)"
-            )
+        _log.info(
+            "epoch %d/%d loss %.4f (%.1f s)",
+            epoch,
+            epochs,
+            total_loss / max(1, seen),
+            time.perf_counter() - start,
+        )
     return model.eval()
 
 
