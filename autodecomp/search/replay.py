@@ -32,7 +32,7 @@ from ..workload.runtime import environment
 from .baseline import load_baseline
 from .objective import CATCH, Objective
 from .storage import open_storage_readonly, shown
-from .study import prepare, quiet_optuna
+from .study import flat_config, prepare, quiet_optuna
 
 __all__ = ["FIGURES", "Replayed", "environment_changes", "format_replay", "replay_trial"]
 
@@ -157,20 +157,11 @@ def replay_trial(
     )
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 def environment_changes(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """``key: stored -> now`` for every recorded detail (versions, device, threads, ...) that
     differs; seeds are left out (the replay uses the stored ones)."""
-    old = _flat({k: v for k, v in stored.items() if k != "seeds"})
-    new = _flat(now)
+    old = flat_config({k: v for k, v in stored.items() if k != "seeds"})
+    new = flat_config(now)
     return [
         f"{key}: {old.get(key, '-')} -> {new.get(key, '-')}"
         for key in sorted(set(old) | set(new))

@@ -58,6 +58,7 @@ __all__ = [
     "SearchResult",
     "check_same_config",
     "check_storage",
+    "flat_config",
     "make_sampler",
     "open_storage",
     "open_study",
@@ -169,11 +170,12 @@ def prepare(cfg: StudyConfig) -> Prepared:
     return Prepared(splits, model, space, sampler, tuple(warm))
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{"dotted.key": value}``."""
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
+            out.update(flat_config(item, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: value}
 
@@ -187,7 +189,7 @@ def check_same_config(name: str, stored: Mapping[str, Any] | None, new: Mapping[
         return
     with suppress(ConfigError):  # unreadable: compared as stored, the message names the key
         stored = config_from_dict(stored, ".").to_dict()
-    old_flat, new_flat = _flatten(stored), _flatten(new)
+    old_flat, new_flat = flat_config(stored), flat_config(new)
     for key in sorted(set(old_flat) | set(new_flat)):
         if key in _HARMLESS or old_flat.get(key) == new_flat.get(key):
             continue

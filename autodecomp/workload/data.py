@@ -10,7 +10,6 @@ it takes ``**kwargs``).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.user_code import call_user, import_callable
 from .datasets import DATASETS, DataSet, DataSplits, stratified_split
 
 __all__ = [
@@ -120,21 +120,9 @@ def make_loader(
     )
 
 
-def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message``."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 def _user_data(name: str, options: dict[str, Any]) -> DataSplits:
     """Call ``"package.module:callable"``; any failure is a one-line ``ValueError`` naming it."""
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as err:  # an import runs the module: it may raise anything
-        raise ValueError(f"cannot import data set {name!r}: {_one_line(err)}") from None
-    if not callable(fn):
-        raise ValueError(f"data set {name!r} is a {type(fn).__name__}, not a callable")
+    fn = import_callable(name, "data set")
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # no introspectable signature: pass everything
@@ -142,10 +130,7 @@ def _user_data(name: str, options: dict[str, Any]) -> DataSplits:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         names = {p.name for p in params}
         options = {k: v for k, v in options.items() if k in names}
-    try:
-        splits = fn(**options)
-    except Exception as err:
-        raise ValueError(f"data set {name!r} raised {_one_line(err)}") from None
+    splits = call_user(fn, name, "data set", **options)
     if not isinstance(splits, DataSplits):
         raise ValueError(f"data set {name!r} returned {type(splits).__name__}, not DataSplits")
     _check_splits(name, splits)

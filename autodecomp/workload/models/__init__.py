@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from ...core.registry import Registry
+from ...core.user_code import call_user, import_callable
 from ._torchvision import build_torchvision
 
 __all__ = ["MODELS", "get_model", "is_builtin_model", "model_names", "register_model"]
@@ -47,31 +48,16 @@ def is_builtin_model(name: str) -> bool:
 
 def _user_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
     """Build ``"package.module:callable"``; any failure is a one-line ``ValueError`` naming it."""
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as err:  # an import runs the module: it may raise anything
-        raise ValueError(f"cannot import model {name!r}: {_one_line(err)}") from None
-    if not callable(fn):
-        raise ValueError(f"model {name!r} is a {type(fn).__name__}, not a callable")
+    fn = import_callable(name, "model")
     try:
         if "in_channels" in inspect.signature(fn).parameters:
             kwargs = {**kwargs, "in_channels": in_channels}
     except (TypeError, ValueError):  # no introspectable signature (some builtins)
         pass
-    try:
-        model = fn(num_classes=num_classes, **kwargs)
-    except Exception as err:
-        raise ValueError(f"model {name!r} raised {_one_line(err)}") from None
+    model = call_user(fn, name, "model", num_classes=num_classes, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch nn.Module")
     return model
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message``."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def get_model(
