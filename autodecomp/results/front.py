@@ -31,7 +31,7 @@ from ..core.errors import ConfigError
 from ..core.optuna_compat import compute_hypervolume
 from ..measure.objectives import ObjectiveSpec
 from .study_view import study_baseline, study_objectives, usable
-from .tables import pareto_frame, with_measured
+from .tables import COST_COLUMNS, pareto_frame, with_measured
 
 __all__ = [
     "enrich",
@@ -62,10 +62,7 @@ _SHOWN = {
     "number": ("trial", ""),
     "accuracy": ("accuracy", ".4f"),
     "accuracy_drop": ("drop", "+.4f"),
-    "macs": ("MACs", ",.0f"),
-    "macs_compression": ("MACs ÷", ".2f"),
-    "params": ("params", ",.0f"),
-    "params_compression": ("params ÷", ".2f"),
+    **COST_COLUMNS,
     "pre_ft_accuracy": ("pre-ft acc", ".4f"),
     "plan_layers": ("plan (layer:method[rank])", ""),
 }

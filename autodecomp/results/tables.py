@@ -37,6 +37,7 @@ from ..search.loop import COUNTED, counted_text
 from .study_view import value_names
 
 __all__ = [
+    "COST_COLUMNS",
     "PROXY_ATTRS",
     "SEARCH_FRONT",
     "format_cell",
@@ -202,14 +203,17 @@ def with_measured(
 
 # What a search prints of its front (a report shows more: autodecomp.results.front). The
 # compression factors (baseline / compressed: "MACs ÷ 10.33") as the report shows them.
-SEARCH_FRONT: dict[str, tuple[str, str | None]] = {
-    "number": ("trial", None),
-    "accuracy": ("accuracy", ".4f"),
-    "pre_ft_accuracy": ("pre-ft", ".4f"),
+COST_COLUMNS: dict[str, tuple[str, str | None]] = {
     "macs": ("MACs", ",.0f"),
     "macs_compression": ("MACs ÷", ".2f"),
     "params": ("params", ",.0f"),
     "params_compression": ("params ÷", ".2f"),
+}
+SEARCH_FRONT: dict[str, tuple[str, str | None]] = {
+    "number": ("trial", None),
+    "accuracy": ("accuracy", ".4f"),
+    "pre_ft_accuracy": ("pre-ft", ".4f"),
+    **COST_COLUMNS,
     "methods": ("methods", ""),
 }
 
