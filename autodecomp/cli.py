@@ -152,6 +152,11 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument(
         "--index", type=int, help="worker number; seeds its sampler (default: the process id)"
     )
+    parser.add_argument(
+        "--ladder-only",
+        action="store_true",
+        help="help build the study's allocation ladder, then stop without running a trial",
+    )
     _heartbeat_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -166,6 +171,7 @@ def _worker(parser: argparse.ArgumentParser) -> Handler:
             folder=args.folder,
             index=args.index,
             heartbeat=heartbeat,
+            ladder_only=args.ladder_only,
         )
         if result.interrupted:
             return 130

@@ -31,6 +31,16 @@ noise (no trained weights can be downloaded here). Every solver gets the same th
     python bench/cp_solver.py --markdown      # the tables of docs/tensorly.md
     python bench/cp_solver.py --methods --layers 32x32x3x3 64x64x3x3 --markdown
 
+``--trained`` is the speed target of the search-precision solvers: on layers of a ResNet-20
+and a torchvision ResNet-18 trained on the digits at 32x32 (``bench/trained.py``, cached
+under ``bench/results/trained``), cold ``ad.decompose_conv(conv, "cp" | "pdp",
+ratio=--ratio)`` at its defaults (a fresh factor cache each time) against tensorly's
+``parafac`` at its defaults (pytorch backend, ``init="svd"``, ``n_iter_max=100``,
+``tol=1e-8``) on the same kernel at the same rank, float64, interleaved, the fastest of
+``--repeats``: time, relative kernel error, and their geometric means over the layers::
+
+    python bench/cp_solver.py --trained --markdown
+
 ``--methods`` is the cross-check of every method: each layer (the same kernel in float32)
 is decomposed at ``--ratio`` by ``solver="autodecomp"`` and ``solver="tensorly"`` with the
 methods' default options and a fresh factor cache, and the kernel error and time printed.
@@ -43,6 +53,15 @@ import json
 import os
 import time
 import warnings
+
+TRAINED_LAYERS = [
+    "resnet20:layer1.1.conv1",
+    "resnet20:layer2.1.conv2",
+    "resnet20:layer3.1.conv1",
+    "resnet18:layer1.1.conv1",
+    "resnet18:layer2.0.conv1",
+    "resnet18:layer2.1.conv1",
+]
 
 
 def _args() -> argparse.Namespace:
@@ -69,6 +88,19 @@ def _args() -> argparse.Namespace:
         help="instead: decompose the layers with every method by both solvers "
         "(ad.decompose_conv(..., solver=...)) and compare error and time",
     )
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="instead: cold ad.decompose_conv cp / pdp against tensorly parafac's defaults on "
+        "trained ResNet-20 / ResNet-18 layers (see --trained-layers)",
+    )
+    parser.add_argument(
+        "--trained-layers",
+        nargs="+",
+        default=TRAINED_LAYERS,
+        help="model:layer of the trained models (bench/trained.py)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="--trained: interleaved runs")
     args = parser.parse_args()
     if args.sweeps > args.cap:
         parser.error("--sweeps must be <= --cap")
@@ -78,6 +110,10 @@ def _args() -> argparse.Namespace:
 ARGS = _args()
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(ARGS.threads)  # before numpy / torch load their BLAS
+
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import tensorly as tl  # noqa: E402
 import torch  # noqa: E402
@@ -172,8 +208,74 @@ def compare_methods() -> None:
     print_table(columns, table)
 
 
+def _parafac_defaults(tensor: torch.Tensor, rank: int) -> float:
+    """tensorly's parafac at its defaults (pytorch backend); returns the relative error."""
+    with tl.backend_context("pytorch"):
+        weights, factors = parafac(tensor, rank, init="svd")
+    return float((cp_to_tensor(weights, factors) - tensor).norm() / tensor.norm())
+
+
+def _ours_cold(conv: nn.Conv2d, method: str) -> tuple[float, int]:
+    """Cold ``ad.decompose_conv`` at its defaults; returns the relative kernel error, rank."""
+    layer = ad.decompose_conv(conv, method, ratio=ARGS.ratio, cache=FactorCache())
+    with torch.no_grad():
+        weight = conv.weight.double()
+        err = (layer.dense_weight().double() - weight).norm() / weight.norm()
+    return float(err), layer.rank
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def compare_trained() -> None:
+    """Cold cp / pdp by ``decompose_conv`` against parafac's defaults on trained layers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trained import trained_model
+
+    models: dict[str, dict[str, nn.Module]] = {}
+    columns = ["layer", "shape", "method", "rank", "parafac [s]", "ours [s]", "speed-up"]
+    columns += ["parafac err", "ours err", "err ours/parafac"]
+    table, speedups, quotients = [], {}, {}
+    for item in ARGS.trained_layers:
+        model_name, name = item.split(":")
+        if model_name not in models:
+            models[model_name] = dict(trained_model(model_name).named_modules())
+        conv = models[model_name][name]
+        for method in ("cp", "pdp"):
+            weight = conv.weight.detach().double()
+            tensor = weight if method == "cp" else weight.reshape(*weight.shape[:2], -1)
+            _ours_cold(conv, method)  # warm-up (first calls of the code path)
+            theirs = ours = math.inf
+            for _ in range(ARGS.repeats):  # interleaved, the fastest of each
+                seconds, (err, rank) = _timed(_ours_cold, conv, method)
+                ours = min(ours, seconds)
+                seconds, their_err = _timed(_parafac_defaults, tensor, rank)
+                theirs = min(theirs, seconds)
+            speedups.setdefault(method, []).append(theirs / ours)
+            quotients.setdefault(method, []).append(err / their_err)
+            shape = "x".join(map(str, weight.shape))
+            table.append([item, shape, method, str(rank), f"{theirs:.3f}", f"{ours:.3f}",
+                          f"{theirs / ours:.2f}x", f"{their_err:.4f}", f"{err:.4f}",
+                          f"{err / their_err:.4f}"])  # fmt: skip
+            print(" ".join(table[-1]), file=sys.stderr, flush=True)  # progress
+    for method in speedups:
+        speed = math.exp(sum(map(math.log, speedups[method])) / len(speedups[method]))
+        quot = math.exp(sum(map(math.log, quotients[method])) / len(quotients[method]))
+        table.append(["geometric mean", "", method, "", "", "", f"{speed:.2f}x", "", "",
+                      f"{quot:.4f}"])  # fmt: skip
+    print(f"cold decompose_conv (defaults) vs tensorly parafac (defaults), ratio {ARGS.ratio}, "
+          f"{ARGS.threads} thread(s), fastest of {ARGS.repeats} interleaved runs")  # fmt: skip
+    print_table(columns, table)
+
+
 def main() -> None:
     torch.set_num_threads(ARGS.threads)
+    if ARGS.trained:
+        compare_trained()
+        return
     if ARGS.methods:
         compare_methods()
         return

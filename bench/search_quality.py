@@ -1,33 +1,30 @@
-"""Search quality: hypervolume of the per-layer search vs random search and uniform sweeps.
+"""Search quality: what a user gets at a budget, search vs the best uniform sweep, equal wall-clock.
 
-At an equal number of trials and the same fine-tune budget (one :class:`Objective`, so the
-same distillation steps, gates and cost counting for every arm), compares the hypervolume
-(:func:`autodecomp.results.report.hypervolume`: normalised ``1 - accuracy`` and cost over the
-baseline, reference accuracy 0 at the baseline's cost) reached by:
+Per seed, two arms get the same seconds (``--seconds`` of this process's CPU time, which
+equals the wall-clock of a one-thread run on an idle machine and does not depend on what
+else runs on a shared one; everything inside counts: building the objective and the
+allocation ladder, factorisations, over-budget draws; a trial that has started finishes):
 
-- the search with each of ``--samplers`` (Optuna TPE with the study's options, NSGA-II
-  with ``--population``, random search) over the study's search space;
-- one uniform sweep per method of the space: every searched layer that method (layers that
-  do not offer it stay dense), ratios on a grid. The grid is the way users compress with
-  TensorLy-Torch or MUSCO today, made as strong as possible: candidate ratios over the
-  space's ratio range that fit the budgets, one plan per distinct set of ranks, ``--trials``
-  of them spread evenly by MACs (fewer when fewer distinct plans fit).
+- **search**: the study's sampler and pruner (``sampler.pruner``) with the allocation ladder
+  (``initial_design``), after the uniform arms (with ``--uniform-arms``, the default):
+  every method's largest uniform plan under each budget
+  (:func:`~autodecomp.search.uniform_arms.uniform_arms`), enqueued first and never pruned;
+- **uniform**: the uniform sweep a user would run: round by round, for each budget and
+  method, the next-dearest uniform plan under the budget, as many as fit in the seconds.
 
-Budget accounting: every arm runs until ``--trials`` candidates within the budgets have
-been fine-tuned (or stopped by a pruning gate): an over-budget candidate is never trained
-and costs milliseconds, so this is an equal fine-tune budget. The search arms draw over-
-budget candidates too (at most ``--cap`` x ``--trials`` trials in all); "HV@N trials" is
-their hypervolume after the first ``--trials`` trials of any kind (equal trial count).
+Then, per budget (``--budgets``, fractions of the dense MACs), each arm's best trial under
+the budget by its own validation accuracy is exported with ``autodecomp export``'s fine-tune
+(:func:`~autodecomp.ship.export.export_trial`, ``--finetune-epochs``) and evaluated on the
+test split. Hypervolume (validation accuracy vs MACs) stays as a secondary figure.
 
-Every arm runs once per seed (sampler seed and fine-tune seed vary together; the baseline
-and data split stay fixed) in memory; warm starts only with ``--warm-start``. Prints one
-row per arm (mean, standard deviation, range and per-seed values of the hypervolume) and
-the search arms' margin over the best uniform sweep under both accountings:
+A seed is the study's seed: data split, baseline (trained once per seed and cached in the
+study's ``cache/``), trial seeds and sampler seed. Seeds are drawn fresh unless given with
+``--seed-list`` and are printed so a run can be repeated. Prints a row per seed and budget,
+then per budget: the share of seeds where the search's test accuracy is >= the uniform
+sweep's, the mean margin, and each arm's wall-clock (``--markdown``: the table for the docs):
 
-    python bench/search_quality.py                            # digits, 20 trials, 3 seeds
-    python bench/search_quality.py --trials 24 --seeds 3 --set proxy.steps=80
-    python bench/search_quality.py --study studies/resnet20_digits/study.yaml --trials 16 \\
-        --seeds 2 --samplers tpe random --uniform tucker tt
+    python bench/search_quality.py --seeds 10 --seconds 60 --set sampler.pruner=successive_halving
+    python bench/search_quality.py --seed-list 11 12 --budgets 0.1 0.2 --seconds 40
 """
 
 from __future__ import annotations
@@ -35,297 +32,268 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import random
+import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
-from autodecomp.config import SamplerConfig, StudyConfig, load_config
-from autodecomp.results.report import hypervolume, hypervolume_frame
-from autodecomp.search.allocate import Ladder, allocation_ladder, uniform_plans
+from autodecomp.config import StudyConfig, load_config
+from autodecomp.config.samplers import make_pruner
+from autodecomp.results.front import hypervolume
+from autodecomp.search.allocate import Ladder, allocation_ladder
 from autodecomp.search.baseline import Baseline, load_baseline
 from autodecomp.search.objective import CATCH, Objective
-from autodecomp.search.space import KEEP, SearchSpace
-from autodecomp.search.study import make_sampler, prepare, shared_factor_cache
+from autodecomp.search.space import KEEP
+from autodecomp.search.study import Prepared, make_sampler, prepare
+from autodecomp.search.uniform_arms import uniform_arms, uniform_tracks
+from autodecomp.ship.export import export_trial
 
 
-def _study(cfg: StudyConfig, baseline: Baseline, sampler: optuna.samplers.BaseSampler):
-    """An in-memory study carrying the attributes :func:`hypervolume` reads."""
-    study = optuna.create_study(directions=cfg.directions, sampler=sampler)
+def _seeded(cfg: StudyConfig, seed: int, folder: Path, arm: str) -> StudyConfig:
+    """The study config of one arm and seed: its own study in ``folder``'s SQLite file."""
+    sampler = dataclasses.replace(cfg.sampler, seed=seed)
+    if arm == "uniform":
+        sampler = dataclasses.replace(sampler, pruner="none")
+    return dataclasses.replace(
+        cfg,
+        seed=seed,
+        sampler=sampler,
+        name=f"{arm}-{seed}",
+        storage=f"sqlite:///{folder / 'quality.db'}",
+    )
+
+
+def _study(cfg: StudyConfig, baseline: Baseline) -> optuna.Study:
+    study = optuna.create_study(
+        study_name=cfg.name,
+        storage=cfg.storage,
+        directions=cfg.directions,
+        sampler=make_sampler(cfg.sampler),
+        pruner=make_pruner(cfg.sampler, cfg.proxy.steps),
+    )
     study.set_user_attr("config", cfg.to_dict())
     study.set_user_attr("baseline", baseline.info())
     study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
     return study
 
 
-def uniform_grid(
-    space: SearchSpace, method: str, objective: Objective, count: int
-) -> list[dict[str, Any]]:
-    """Up to ``count`` fixed trial parameters of distinct, within-budget uniform plans
-    (:func:`~autodecomp.search.allocate.uniform_plans`), spread evenly by MACs."""
-    model = objective.baseline.model
-    plans = [
-        rung.params
-        for rung in uniform_plans(model, space, objective.cost, method, objective.limits)
-    ]
-    if len(plans) <= count:
-        return plans
-    return [
-        plans[i] for i in sorted(set(np.linspace(0, len(plans) - 1, count).round().astype(int)))
-    ]
-
-
-def _sampler(cfg: StudyConfig, name: str, seed: int, population: int):
-    options: dict[str, Any] = {}
-    if name == cfg.sampler.name:
-        options = dict(cfg.sampler.options)
-    if name == "nsga2":
-        options["population_size"] = population
-    return make_sampler(SamplerConfig(name, cfg.sampler.seed + seed, options))
-
-
-def _within_budget(study: optuna.Study) -> int:
-    """Finished trials that were within budget: each cost a fine-tune (or reached a gate)."""
-    return sum(t.user_attrs.get("over_budget") is False for t in study.trials)
-
-
 def _run_arm(
     cfg: StudyConfig,
+    prepared: Prepared,
     baseline: Baseline,
-    objective: Objective,
-    sampler: optuna.samplers.BaseSampler,
-    trials: int,
-    cap: int,
-    enqueued: Sequence[dict[str, Any]] = (),
-    ladder: Ladder | None = None,
-) -> dict[str, Any]:
-    """Run until ``trials`` candidates were within budget (at most ``cap`` trials in all;
-    the ``enqueued`` ones first, then the sampler's).
-
-    Over-budget candidates cost no fine-tune (milliseconds each), so they do not count
-    against the arm's budget; ``hv_first`` is the hypervolume after the first ``trials``
-    trials of any kind instead.
-    """
-    study = _study(cfg, baseline, sampler)
-    for params in enqueued:
-        study.enqueue_trial(params)
+    budgets: list[float],
+    seconds: float,
+    *,
+    rounds: int | None,
+    ladder: bool,
+) -> tuple[optuna.Study, float]:
+    """Run one arm for ``seconds`` of CPU time (the clock starts before the objective is
+    built); returns the study and the CPU seconds spent."""
+    start = time.process_time()
+    objective = Objective(cfg, prepared.space, baseline, prepared.splits)
+    study = _study(cfg, baseline)
+    offered = list(dict.fromkeys(m for l in prepared.space.layers for m in l.choices if m != KEEP))
+    candidates = uniform_tracks(
+        baseline.model, prepared.space, objective.cost, offered, objective.limits
+    )
+    arms = uniform_arms(candidates, budgets, rounds) if rounds != 0 else []
+    for label, params in arms:
+        study.enqueue_trial(params, user_attrs={"warm_start": label})
     callbacks = []
-    if ladder is not None:
-        ladder.store(study)
-        callbacks.append(ladder)
+    if ladder and cfg.initial_design.plans > 0:
+        rungs = allocation_ladder(
+            cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid
+        )
+        accuracy = cfg.objectives.index("accuracy")
+        climb = Ladder(rungs, cfg.initial_design.plans, accuracy, baseline.accuracy)
+        climb.store(study)
+        callbacks.append(climb)
 
-    def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-        if _within_budget(study) >= trials:
+    def stop(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if time.process_time() - start >= seconds:
             study.stop()
 
-    start = time.perf_counter()
-    study.optimize(objective, cap, catch=CATCH, callbacks=[*callbacks, stop])
-    seconds = time.perf_counter() - start
-    history = hypervolume_frame(study)
-    counts = pd.Series([t.state.name for t in study.trials]).value_counts()
-    trained = sum("distill" in (t.user_attrs.get("seconds") or {}) for t in study.trials)
+    trials = len(arms) if rounds is None else None  # the uniform sweep ends with its plans
+    if time.process_time() - start < seconds:
+        study.optimize(objective, trials, catch=CATCH, callbacks=[*callbacks, stop])
+    return study, time.process_time() - start
+
+
+def _best_under(study: optuna.Study, cfg: StudyConfig, budget: float) -> FrozenTrial | None:
+    """The most accurate (validation) completed trial within ``budget`` x the dense MACs."""
     accuracy = cfg.objectives.index("accuracy")
-    front = sorted(
-        (t.user_attrs["macs_ratio"], t.values[accuracy])
-        for t in study.best_trials
-        if not t.user_attrs.get("over_budget")
-    )
-    return {
-        "front": " ".join(f"{m:.3f}:{a:.3f}" for m, a in front),
-        "tried": _tried(study, accuracy, ladder),
-        "hypervolume": hypervolume(study),
-        "hv_first": float(history.hypervolume.iloc[min(trials, len(history)) - 1]),
-        "trials": len(study.trials),
-        "within_budget": _within_budget(study),
-        "trained": trained,
-        "pruned": int(counts.get("PRUNED", 0)),
-        "failed": int(counts.get("FAIL", 0)),
-        "seconds": seconds,
-    }
-
-
-def _tried(study: optuna.Study, accuracy: int, ladder: Ladder | None) -> str:
-    """Every fine-tuned trial in order as ``MACs ratio:accuracy``, a ladder rung's track
-    after it in brackets (``[front]``, ``[pdp]``, ...)."""
-    points = []
-    for trial in study.trials:
-        if trial.state != optuna.trial.TrialState.COMPLETE or trial.user_attrs.get("over_budget"):
-            continue
-        rung = Ladder.rung_of(trial) if ladder is not None else None
-        track = f"[{ladder.rungs[rung].track}]" if rung is not None else ""
-        points.append(f"{trial.user_attrs['macs_ratio']:.3f}:{trial.values[accuracy]:.3f}{track}")
-    return " ".join(points)
-
-
-def _table(rows: pd.DataFrame, arms: list[str]) -> str:
-    """Mean per arm of trials, within-budget candidates, fine-tuned ones, HV and seconds."""
-    lines = [
-        f"{'arm':<16}{'trials':>7}{'in budget':>10}{'tuned':>6}{'HV mean':>9}{'std':>8}"
-        f"{'min':>8}{'max':>8}{'HV@N trials':>13}{'s/seed':>8}  HV per seed"
+    within = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.user_attrs.get("over_budget") and t.user_attrs["macs_ratio"] <= budget
     ]
-    for arm in arms:
-        part = rows[rows.arm == arm].sort_values("seed")
-        hv = part.hypervolume
-        lines.append(
-            f"{arm:<16}{part.trials.mean():>7.1f}{part.within_budget.mean():>10.1f}"
-            f"{part.trained.mean():>6.1f}{hv.mean():>9.4f}"
-            f"{hv.std(ddof=1) if len(hv) > 1 else 0.0:>8.4f}{hv.min():>8.4f}{hv.max():>8.4f}"
-            f"{part.hv_first.mean():>13.4f}{part.seconds.mean():>8.0f}  "
-            + " ".join(f"{v:.4f}" for v in hv)
-        )
-    return "\n".join(lines)
+    return max(within, key=lambda t: (t.values[accuracy], -t.user_attrs["macs"]), default=None)
 
 
-def _verdict(frame: pd.DataFrame, column: str, what: str) -> list[str]:
-    """Each search arm against the best uniform sweep (by mean, and per seed) on ``column``."""
-    names = list(dict.fromkeys(frame.arm))
-    uniform = [a for a in names if a.startswith("uniform:")]
-    if not uniform:
-        return []
-    means = frame.groupby("arm")[column].mean()
-    best = max(uniform, key=lambda a: means[a])
-    best_by_seed = frame[frame.arm.isin(uniform)].groupby("seed")[column].max()
-    lines = [f"{what}: best uniform sweep {best} (mean HV {means[best]:.4f})"]
-    for arm in [a for a in names if a not in uniform]:
-        part = frame[frame.arm == arm].set_index("seed")[column]
-        wins = int((part > best_by_seed.reindex(part.index)).sum())
-        lines.append(
-            f"  {arm}: {means[arm] - means[best]:+.4f} mean HV vs {best}; above every uniform "
-            f"sweep of the same seed in {wins}/{len(part)} seeds"
+def _exported(cfg: StudyConfig, trial: FrozenTrial | None, folder: Path, epochs: int) -> float:
+    """Test accuracy of ``trial`` exported as ``autodecomp export`` does (NaN: no trial)."""
+    if trial is None:
+        return float("nan")
+    path = folder / f"{cfg.name}-{trial.number}.pt"
+    if path.exists():
+        path.unlink()
+    out = export_trial(cfg, trial.number, path, finetune_epochs=epochs)
+    return float(out.meta["metrics"]["test_accuracy"])
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    states = pd.Series([t.state.name for t in study.trials]).value_counts()
+    rung = sum(t.user_attrs.get("pruned_at") == "rung" for t in study.trials)
+    return {"trials": int(states.get("COMPLETE", 0) + states.get("PRUNED", 0)), "rung_pruned": rung}
+
+
+def _one_seed(
+    cfgs: dict[str, StudyConfig], seed: int, args: argparse.Namespace, folder: Path
+) -> list[dict[str, Any]]:
+    configs = {arm: _seeded(cfg, seed, folder, arm) for arm, cfg in cfgs.items()}
+    prepared = {arm: prepare(cfg) for arm, cfg in configs.items()}
+    baseline = load_baseline(
+        configs["uniform"], prepared["uniform"].model, prepared["uniform"].splits
+    )
+    rows: list[dict[str, Any]] = []
+    runs = {
+        "search": _run_arm(
+            configs["search"], prepared["search"], baseline, args.budgets, args.seconds,
+            rounds=1 if args.uniform_arms else 0, ladder=True,
+        ),
+        "uniform": _run_arm(
+            configs["uniform"], prepared["uniform"], baseline, args.budgets, args.seconds,
+            rounds=None, ladder=False,
+        ),
+    }  # fmt: skip
+    cfg = configs["search"]
+    accuracy = cfg.objectives.index("accuracy")
+    info = {arm: {**_counts(s), "hv": hypervolume(s), "s": sec} for arm, (s, sec) in runs.items()}
+    print(
+        f"seed {seed}: baseline val accuracy {baseline.accuracy:.4f}; "
+        + "; ".join(
+            f"{arm} {i['trials']} trials ({i['rung_pruned']} pruned at a rung), "
+            f"HV {i['hv']:.4f}, {i['s']:.0f} s"
+            for arm, i in info.items()
+        ),
+        flush=True,
+    )
+    for budget in args.budgets:
+        row: dict[str, Any] = {"seed": seed, "budget": budget}
+        for arm, (study, _) in runs.items():
+            best = _best_under(study, configs[arm], budget)
+            row[f"{arm}_test"] = _exported(configs[arm], best, folder, args.finetune_epochs)
+            row[f"{arm}_val"] = float("nan") if best is None else best.values[accuracy]
+            row[f"{arm}_macs"] = float("nan") if best is None else best.user_attrs["macs_ratio"]
+            row[f"{arm}_pick"] = "-" if best is None else _label(best)
+            row[f"{arm}_s"] = info[arm]["s"]
+            row[f"{arm}_trials"] = info[arm]["trials"]
+            row[f"{arm}_hv"] = info[arm]["hv"]
+        row["margin"] = row["search_test"] - row["uniform_test"]
+        rows.append(row)
+        print(
+            f"  budget {budget:.0%}: search test {row['search_test']:.4f} (val "
+            f"{row['search_val']:.4f}, MACs {row['search_macs']:.3f}, {row['search_pick']}) | "
+            f"uniform test {row['uniform_test']:.4f} (val {row['uniform_val']:.4f}, MACs "
+            f"{row['uniform_macs']:.3f}, {row['uniform_pick']}) | margin {row['margin']:+.4f}",
+            flush=True,
         )
-    return lines
+    return rows
+
+
+def _label(trial: FrozenTrial) -> str:
+    """``#N`` and where the trial came from (a uniform arm, a ladder rung, the sampler)."""
+    source = str(trial.user_attrs.get("warm_start", "sampled"))
+    return f"#{trial.number} {source}"
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: seeds, share of seeds search >= uniform on test accuracy, mean margin,
+    mean test accuracies, mean wall-clock of each arm, mean hypervolumes."""
+    both = frame.dropna(subset=["search_test", "uniform_test"])
+    rows = []
+    for budget, part in both.groupby("budget"):
+        rows.append({
+            "budget": f"{budget:.0%}",
+            "seeds": len(part),
+            "search >= uniform": f"{(part.margin >= 0).mean():.0%}",
+            "mean margin": f"{part.margin.mean():+.4f}",
+            "search test": f"{part.search_test.mean():.4f}",
+            "uniform test": f"{part.uniform_test.mean():.4f}",
+            "search s": f"{part.search_s.mean():.0f}",
+            "uniform s": f"{part.uniform_s.mean():.0f}",
+            "search HV": f"{part.search_hv.mean():.4f}",
+            "uniform HV": f"{part.uniform_hv.mean():.4f}",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the package's progress lines
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="studies/digits/study.yaml")
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="fresh seeds to draw")
+    parser.add_argument("--seed-list", type=int, nargs="*", help="these seeds instead")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4])
+    parser.add_argument("--seconds", type=float, default=60.0, help="CPU seconds of each arm")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="as autodecomp export's")
     parser.add_argument(
-        "--first-seed", type=int, default=0, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1"
-    )
-    parser.add_argument("--samplers", nargs="*", default=["tpe", "nsga2", "random"])
-    parser.add_argument("--uniform", nargs="*", default=None, help="methods (default: space's)")
-    parser.add_argument("--population", type=int, default=8, help="NSGA-II population size")
-    parser.add_argument(
-        "--cap", type=int, default=5, help="at most CAP x trials per arm, over budget included"
-    )
-    parser.add_argument(
-        "--warm-start", action="store_true", help="search arms start with the study's warm starts"
-    )
-    parser.add_argument(
-        "--initial-design",
-        type=int,
-        default=None,
-        help="allocation-ladder trials the tpe / nsga2 arms start with (default: the study's "
-        "initial_design.plans; random search never gets them)",
+        "--no-uniform-arms",
+        dest="uniform_arms",
+        action="store_false",
+        help="the search does not start with each method's best uniform plan per budget",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--search-set",
+        dest="search_overrides",
+        action="append",
+        default=[],
+        help="KEY=VALUE for the search arm only (e.g. sampler.pruner=..., space.init=data)",
+    )
     parser.add_argument("--csv", help="also write the per-seed rows here")
-    parser.add_argument(
-        "--factor-cache",
-        metavar="DIR",
-        help="keep factorisations on disk here, so a rerun skips the ALS fits (minutes on "
-        "resnet20)",
-    )
-    parser.add_argument(
-        "--fronts",
-        action="store_true",
-        help="print each arm's front and every fine-tuned trial in order "
-        "(MACs ratio:accuracy[ladder track])",
-    )
+    parser.add_argument("--markdown", action="store_true", help="print the summary as markdown")
     args = parser.parse_args()
-    if args.factor_cache:
-        with shared_factor_cache(Path(args.factor_cache)):
-            _run(args)
-    else:
-        _run(args)
-
-
-def _run(args: argparse.Namespace) -> None:
+    seeds = args.seed_list or [
+        random.SystemRandom().randrange(1000, 10**6) for _ in range(args.seeds)
+    ]
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    cfg = load_config(args.study, args.overrides)
-    prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits)
-    space = prepared.space
-    offered = list(dict.fromkeys(m for layer in space.layers for m in layer.choices if m != KEEP))
-    methods = offered if args.uniform is None else args.uniform
-    first = Objective(cfg, space, baseline, prepared.splits)
-    grids = {m: uniform_grid(space, m, first, args.trials) for m in methods}
-    plans = cfg.initial_design.plans if args.initial_design is None else args.initial_design
-    design_start = time.perf_counter()
-    searched = any(name != "random" for name in args.samplers) and plans > 0
-    rungs = (
-        allocation_ladder(cfg, space, baseline, prepared.splits, cfg.initial_design.grid)
-        if searched
-        else []
-    )
-    design_s = time.perf_counter() - design_start
+    cfgs = {
+        "search": load_config(args.study, [*args.overrides, *args.search_overrides]),
+        "uniform": load_config(args.study, args.overrides),
+    }
+    cfg = cfgs["search"]
+    given = [f"--set {o}" for o in args.overrides]
+    given += [f"--search-set {o}" for o in args.search_overrides]
     print(
-        f"study {args.study}: {len(space.layers)} layers, methods {', '.join(offered)}; "
-        f"{args.trials} trials x {args.seeds} seeds per arm; proxy {cfg.proxy.steps} steps; "
-        f"budgets {cfg.budgets.limits(baseline.macs, baseline.params)}; objectives "
-        f"{', '.join(cfg.objectives)}; baseline accuracy {baseline.accuracy:.4f}; "
-        f"tpe / nsga2 start with {plans} of {len(rungs)} ladder allocations (score "
-        f"{cfg.initial_design.score}, {design_s:.1f} s)",
+        f"study {args.study} {' '.join(given)}: seeds "
+        f"{' '.join(map(str, seeds))} (repeat with --seed-list); budgets {args.budgets}; "
+        f"{args.seconds:.0f} s per arm; sampler {cfg.sampler.name}, pruner "
+        f"{cfg.sampler.pruner}; proxy {cfg.proxy.steps} steps; export fine-tune "
+        f"{args.finetune_epochs} epochs",
         flush=True,
     )
-    for method, grid in grids.items():
-        if not grid:
-            print(f"uniform:{method}: no uniform plan fits the budgets; arm left out")
     rows = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        seeded = dataclasses.replace(cfg, seed=cfg.seed + seed)
-        objective = Objective(seeded, space, baseline, prepared.splits)
-        warm = [params for _, params in prepared.warm_starts] if args.warm_start else []
-        accuracy = cfg.objectives.index("accuracy")
-        arms: list[tuple[str, optuna.samplers.BaseSampler, list[dict[str, Any]], int]] = [
-            (
-                name,
-                _sampler(cfg, name, seed, args.population),
-                warm,
-                0 if name == "random" else plans,
-            )
-            for name in args.samplers
-        ]
-        arms += [
-            (f"uniform:{m}", optuna.samplers.RandomSampler(seed=seed), grid, 0)
-            for m, grid in grids.items()
-            if grid
-        ]
-        for arm, sampler, grid, rung_count in arms:
-            cap = len(grid) if arm.startswith("uniform:") else args.cap * args.trials
-            ladder = Ladder(rungs, rung_count, accuracy, baseline.accuracy) if rung_count else None
-            result = _run_arm(seeded, baseline, objective, sampler, args.trials, cap, grid, ladder)
-            rows.append({"arm": arm, "seed": seed, **result})
-            print(
-                f"seed {seed} {arm:<16} HV {result['hypervolume']:.4f} "
-                f"(first {args.trials} trials {result['hv_first']:.4f}; {result['trials']} "
-                f"trials, {result['within_budget']} in budget, {result['trained']} fine-tuned, "
-                f"{result['seconds']:.0f} s)",
-                flush=True,
-            )
-            if args.fronts:
-                print(f"    front {result['front']}", flush=True)
-                print(f"    tried {result['tried']}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            rows += _one_seed(cfgs, seed, args, Path(tmp))
     frame = pd.DataFrame(rows)
     if args.csv:
         frame.to_csv(args.csv, index=False)
+    table = summary(frame)
     print()
-    print(_table(frame, list(dict.fromkeys(frame.arm))))
-    print()
-    n = args.trials
-    for line in _verdict(frame, "hypervolume", f"equal fine-tunes ({n} candidates in budget)"):
-        print(line)
-    for line in _verdict(frame, "hv_first", f"equal trials (the first {n}, over budget included)"):
-        print(line)
+    print(
+        table.to_markdown(index=False, disable_numparse=True)
+        if args.markdown
+        else table.to_string(index=False)
+    )
 
 
 if __name__ == "__main__":

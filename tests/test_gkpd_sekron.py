@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -122,24 +123,69 @@ def test_sekron_error_is_the_sum_of_level_tails_and_the_search_predicts_it(gener
     assert abs(rel_error(layer, conv_with(weight)) - expected) < 1e-10
 
 
-def test_ratio_picks_the_structure_of_least_error_within_budget(generator):
+def test_max_params_picks_the_structure_of_least_error_within_budget(generator):
     weight = torch.randn(16, 16, 3, 3, generator=generator, dtype=torch.float64)
     conv = conv_with(weight, bias=True)
     spec = ConvSpec.from_conv(conv)
+    budget = math.floor(0.25 * spec.dense_params())
     for method in (GKPD, SEKRON):
-        rank = method.rank_for_ratio(spec, 0.25)
-        assert rank["max_params"] == math.floor(0.25 * spec.dense_params())
-        fallback = {k: v for k, v in rank.items() if k != "max_params"}
-        default = rel_error(ad.decompose_conv(conv, method.name, rank=fallback), conv)
-        single = rel_error(ad.decompose_conv(conv, method.name, ratio=0.25, candidates=1), conv)
-        best = ad.decompose_conv(conv, method.name, ratio=0.25, slack=0.0)
+        default = method.rank_for_ratio(spec, 0.25)
+        assert "max_params" not in default  # a ratio gives the weight-free rank
+        assert ad.decompose_conv(conv, method.name, ratio=0.25).rank == default
+        asked = {**default, "max_params": budget}
+        error = rel_error(ad.decompose_conv(conv, method.name, rank=default), conv)
+        single = ad.decompose_conv(conv, method.name, rank=asked, candidates=1)
+        best = ad.decompose_conv(conv, method.name, rank=asked, slack=0.0)
         assert "max_params" not in best.rank
-        assert best.params() <= rank["max_params"]
-        assert rel_error(best, conv) <= min(default, single) + 1e-12
-        cheap = ad.decompose_conv(conv, method.name, ratio=0.25, slack=0.05)
-        assert cheap.params() <= rank["max_params"]
+        assert best.params() <= budget
+        assert rel_error(best, conv) <= min(error, rel_error(single, conv)) + 1e-12
+        cheap = ad.decompose_conv(conv, method.name, rank=asked, slack=0.05)
+        assert cheap.params() <= budget
         assert rel_error(cheap, conv) <= 1.05 * rel_error(best, conv)
         assert cheap.macs(32, 32) <= best.macs(32, 32)
+
+
+# ResNet-20 and ResNet-18 conv shapes: (out, in, kernel, stride, input size)
+RESNET_CONVS = [
+    (16, 3, 3, 1, 32),
+    (16, 16, 3, 1, 32),
+    (32, 16, 3, 2, 32),
+    (32, 16, 1, 2, 32),
+    (64, 3, 7, 2, 32),
+    (64, 64, 3, 1, 8),
+    (128, 64, 3, 2, 8),
+    (128, 64, 1, 2, 8),
+    (256, 256, 3, 1, 2),
+    (512, 256, 3, 2, 2),
+    (512, 256, 1, 2, 2),
+    (512, 512, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("method", [GKPD, SEKRON], ids=["gkpd", "sekron"])
+def test_macs_and_params_fall_as_the_ratio_falls(method):
+    ratios = [round(1.0 - 0.004 * i, 4) for i in range(247)]  # 1.0 down to 0.016
+    for out, inp, k, stride, hw in RESNET_CONVS:
+        spec = ConvSpec.from_conv(nn.Conv2d(inp, out, k, stride, k // 2, bias=False))
+        costs = []
+        for ratio in ratios:
+            layer = method.empty_like(spec, method.rank_for_ratio(spec, ratio), torch.empty(0))
+            costs.append((layer.macs(hw, hw), layer.params()))
+        for (macs, params), (fewer_macs, fewer_params) in itertools.pairwise(costs):
+            assert fewer_macs <= macs and fewer_params <= params, (spec, method.name)
+        assert costs[-1] < costs[0]  # not constant: the grid spans ranks
+
+
+@pytest.mark.parametrize("method", ["gkpd", "sekron"])
+def test_a_fitted_ratio_layer_costs_what_fvcore_counts(generator, method):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, 2, 1, bias=False)
+    spec = ConvSpec.from_conv(conv)
+    for ratio in (0.25, 0.245, 0.215):
+        layer = ad.decompose_conv(conv, method, ratio=ratio)
+        assert layer.rank == get_method(method).rank_for_ratio(spec, ratio)
+        assert layer.macs(16, 16) == ad.count_macs(layer, (64, 16, 16))
+        assert layer.params() == ad.count_params(layer)
 
 
 # ---- geometry ---------------------------------------------------------------------------------

@@ -170,11 +170,14 @@ def template(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def laddered(template, tmp_path_factory) -> Path:
-    """The template created as a study with a ladder (`autodecomp create`, no trial run)."""
+    """The template created as a study (`autodecomp create`) whose ladder a worker built
+    (`autodecomp worker --ladder-only`: no trial run)."""
     folder = tmp_path_factory.mktemp("laddered") / "tiny"
     shutil.copytree(template, folder)
     yaml = folder / "study.yaml"
     assert main(["create", str(yaml), "--set", "initial_design.plans=2"]) == 0
+    url = f"sqlite:///{folder / 'study.db'}"
+    assert main(["worker", "--study", "tiny", "--storage", url, "--ladder-only"]) == 0
     return yaml
 
 

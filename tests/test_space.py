@@ -32,6 +32,9 @@ from autodecomp.workload.models import get_model
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+NET_INPUT = (3, 8, 8)
+
+
 class _Net(nn.Module):
     """A 3x3 conv, a 1x1 conv, a depthwise conv and a 5x5 conv."""
 
@@ -59,7 +62,9 @@ def test_choices_are_supporting_methods_fixed_per_layer(monkeypatch):
 
     monkeypatch.setattr("autodecomp.search.space.supporting_methods", supporting)
     monkeypatch.setattr("autodecomp.search.space.conv_layers", lambda m: ["a", "b", "c"])
-    space = resolve_space(_Net(), parse_space({"methods": ["shift", "tucker"], "keep": True}))
+    space = resolve_space(
+        _Net(), parse_space({"methods": ["shift", "tucker"], "keep": True}), NET_INPUT
+    )
     choices = {layer.name: layer.choices for layer in space.layers}
     assert choices == {"a": ("shift", "tucker", "keep"), "b": ("tucker", "keep")}  # c: only keep
 
@@ -85,12 +90,12 @@ def test_choices_are_supporting_methods_fixed_per_layer(monkeypatch):
 
     monkeypatch.setattr("autodecomp.search.space.supporting_methods", lambda spec: [])
     with pytest.raises(ConfigError, match=r"layer 'a'.*keep is false"):
-        resolve_space(_Net(), parse_space({"methods": ["tucker"], "keep": False}))
+        resolve_space(_Net(), parse_space({"methods": ["tucker"], "keep": False}), NET_INPUT)
 
 
 def test_real_registry_offers_only_supporting_methods():
     model = _Net()
-    space = resolve_space(model, parse_space({"methods": "*", "keep": False}))
+    space = resolve_space(model, parse_space({"methods": "*", "keep": False}), NET_INPUT)
     assert "dw" not in space.names  # grouped conv: no dense method applies
     for layer in space.layers:
         spec = ad.ConvSpec.from_conv(model.get_submodule(layer.name))
@@ -109,6 +114,7 @@ def test_explicit_ranks_and_step():
                 "overrides": [{"layers": "c", "ranks": {"tucker": [4, [2, 6], [2, 6]]}}],
             }
         ),
+        NET_INPUT,
     )
     for trial in _run(space, 20):
         plan = trial.user_attrs["plan"]
@@ -134,6 +140,7 @@ def test_uniform_params_enqueue_to_uniform_plan():
                 ],
             }
         ),
+        NET_INPUT,
     )
     params = uniform_params(space, "tucker", 0.33)
     # a: snapped to the 0.1 grid; b: clipped into [0.4, 0.9]; c: largest rank within 0.33
@@ -159,6 +166,7 @@ def test_uniform_params_enqueue_to_uniform_plan():
         parse_space(
             {"methods": ["tucker"], "keep": False, "overrides": [{"layers": "c", "methods": "*"}]}
         ),
+        NET_INPUT,
     )
     with pytest.raises(ConfigError, match="layer 'a' offers neither it nor keep"):
         uniform_params(mixed, "shift", 0.3)
@@ -201,7 +209,7 @@ def test_over_budget_trials_are_not_trained(tmp_path, workload, monkeypatch):
             objective_module.train, name, lambda *a, _n=name, **k: calls.append(_n) or 0.25
         )
     cfg = _config(tmp_path)
-    space = resolve_space(base.model, cfg.space)
+    space = resolve_space(base.model, cfg.space, base.input_shape)
     study = optuna.create_study(directions=cfg.directions)
     study.enqueue_trial(uniform_params(space, "keep"))  # the dense model: 100% of the MACs
     study.enqueue_trial(uniform_params(space, "tucker", 0.1))  # well under half the MACs
@@ -238,7 +246,7 @@ def test_floor_prunes_and_failures_are_recorded(tmp_path, workload, monkeypatch)
     monkeypatch.setattr(objective_module.train, "recalibrate_bn", lambda *a, **k: None)
     monkeypatch.setattr(objective_module.train, "evaluate", lambda *a, **k: 0.1)
     cfg = _config(tmp_path, proxy={"steps": 5, "accuracy_floor": 0.5, "floor_step": 2})
-    space = resolve_space(base.model, cfg.space)
+    space = resolve_space(base.model, cfg.space, base.input_shape)
 
     def distill(student, teacher, loader, *, steps, callback, **kwargs):
         for step in range(1, steps + 1):
@@ -288,7 +296,9 @@ def _check_plan_cost(base, space, plans) -> None:
 def test_plan_cost_equals_fvcore_on_the_applied_plan(workload):
     base, _ = workload
     fast = [m for m in ad.methods() if m not in _ALS]
-    space = resolve_space(base.model, parse_space({"methods": fast, "ratio": [0.05, 1.0]}))
+    space = resolve_space(
+        base.model, parse_space({"methods": fast, "ratio": [0.05, 1.0]}), base.input_shape
+    )
     plans = [t.user_attrs["plan"] for t in _run(space, 8, seed=3)]
     plans.append({name: {"method": "keep"} for name in space.names})
     _check_plan_cost(base, space, plans)
@@ -297,7 +307,7 @@ def test_plan_cost_equals_fvcore_on_the_applied_plan(workload):
 def test_plan_cost_equals_fvcore_with_shift_pruning(workload):
     base, _ = workload  # a plain CNN: layers that draw "shift" are pruned too
     cfg = {"methods": ["shift", "tucker"], "ratio": [0.05, 1.0], "shift_prune": [0.0, 0.7]}
-    space = resolve_space(base.model, parse_space(cfg))
+    space = resolve_space(base.model, parse_space(cfg), base.input_shape)
     plans = [t.user_attrs["plan"] for t in _run(space, 4, seed=1)]
     assert sum("prune" in entry for plan in plans for entry in plan.values()) >= 2
     _check_plan_cost(base, space, plans)
@@ -308,7 +318,7 @@ def test_plan_cost_equals_fvcore_with_shift_pruning(workload):
         model, 0.5, ad.count_macs(model, shape), ad.count_params(model), shape, Path()
     )
     cfg = {"methods": ["tucker"], "shift_prune": {"range": [0.0, 0.8], "step": 0.1}}
-    space = resolve_space(model, parse_space(cfg))
+    space = resolve_space(model, parse_space(cfg), shape)
     plans = [t.user_attrs["plan"] for t in _run(space, 2, seed=2)]
     plans.append({name: {"method": "keep"} for name in space.names})
     assert {entry["method"] for entry in plans[0].values()} >= {"prune"}
@@ -318,7 +328,7 @@ def test_plan_cost_equals_fvcore_with_shift_pruning(workload):
 @pytest.mark.slow
 def test_plan_cost_equals_fvcore_for_als_methods(workload):
     base, _ = workload
-    space = resolve_space(base.model, parse_space({"methods": "*"}))
+    space = resolve_space(base.model, parse_space({"methods": "*"}), base.input_shape)
     plans = [_uniform_plan(space, m, 0.1) for m in ad.methods() if m in _ALS]
     _check_plan_cost(base, space, plans)
 
@@ -338,18 +348,19 @@ def test_cheapest_cost_and_an_impossible_budget():
     model = get_model("digits_cnn", in_channels=1).eval()
     shape = (1, 8, 8)
     raw = {"methods": ["tucker", "tt"], "layers": {"exclude": ["conv1"]}, "ratio": [0.2, 0.6]}
-    space = resolve_space(model, parse_space({**raw, "keep": False}))
+    space = resolve_space(model, parse_space({**raw, "keep": False}), shape)
     least = cheapest_cost(model, space, shape)
     macs, params = ad.count_macs(model, shape), ad.count_params(model)
     for layer in space.layers:  # brute force: each layer's cheapest fitted option
         costs = []
         for method in layer.choices:
-            small = ad.apply_plan(model, {layer.name: {"method": method, "ratio": 0.2}})
+            lowest = layer.ratio_range(method).lo  # 0.2, or TT's MAC ceiling below it
+            small = ad.apply_plan(model, {layer.name: {"method": method, "ratio": lowest}})
             costs.append((ad.count_macs(small, shape), ad.count_params(small)))
         macs -= ad.count_macs(model, shape) - min(c[0] for c in costs)
         params -= ad.count_params(model) - min(c[1] for c in costs)
     assert least == {"macs": macs, "params": params}
-    with_keep = cheapest_cost(model, resolve_space(model, parse_space(raw)), shape)
+    with_keep = cheapest_cost(model, resolve_space(model, parse_space(raw), shape), shape)
     assert with_keep == least  # the smallest options are cheaper than keeping a layer dense
 
     check_budgets(model, space, Budgets(max_macs=least["macs"]), shape)  # just feasible

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..decompositions import (
@@ -32,6 +34,7 @@ __all__ = [
     "conv_layers",
     "data_init_layers",
     "decompose_conv",
+    "on_device",
     "plan_entries",
     "skeleton",
 ]
@@ -69,16 +72,25 @@ def decompose_conv(
         A module whose forward approximates ``conv(x)``, with ``dense_weight()`` and ``macs()``.
     """
     cls, spec, rank = _resolved(conv, method, ratio, rank, rank_multiple)
-    if calibration is None:
-        module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
-    else:
-        if not calibration.matches(spec):
-            raise ValueError(
-                f"calibration statistics were taken for a conv of geometry {calibration.spec}, "
-                f"not for this one ({spec})"
-            )
-        module = cls.from_calibration(conv.weight, conv.bias, spec, rank, calibration, **opts)
+    if calibration is not None and not calibration.matches(spec):
+        raise ValueError(
+            f"calibration statistics were taken for a conv of geometry {calibration.spec}, "
+            f"not for this one ({spec})"
+        )
+    with on_device(conv.weight.device):
+        if calibration is None:
+            module = cls.from_weight(conv.weight, conv.bias, spec, rank, **opts)
+        else:
+            module = cls.from_calibration(conv.weight, conv.bias, spec, rank, calibration, **opts)
     return module.to(device=conv.weight.device).train(conv.training)
+
+
+def on_device(device: torch.device) -> AbstractContextManager[Any]:
+    """``device`` as torch's default device while a layer is factorised, so the tensors and
+    modules a solver makes without naming a device (and factor-cache entries read from
+    disk) land where the conv's weight lives, never on the CPU and back; a no-op when it
+    already is the default."""
+    return nullcontext() if device == torch.get_default_device() else torch.device(device)
 
 
 def _resolved(

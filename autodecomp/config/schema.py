@@ -31,7 +31,7 @@ from .checks import (
     text,
     within,
 )
-from .samplers import SAMPLERS
+from .samplers import PRUNERS, SAMPLERS
 
 __all__ = [
     "BaselineConfig",
@@ -91,6 +91,7 @@ class SpaceConfig:
     rank_multiple: int = 1  # ratio-chosen channel ranks >= this are rounded down to a multiple
     solvers: dict[str, str] = field(default_factory=dict)  # method -> "tensorly" (the default
     # "autodecomp" is left out); carried into plan entries as the option "solver"
+    max_layer_macs: float = 1.0  # no option over this fraction of its dense layer's MACs
     source: str = "<inline>"
 
 
@@ -206,11 +207,19 @@ class LatencyConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The Optuna sampler (:data:`~autodecomp.config.samplers.SAMPLERS`), its seed and options."""
+    """The Optuna sampler (:data:`~autodecomp.config.samplers.SAMPLERS`), its seed and options,
+    and the multi-fidelity pruner of the proxy fine-tune
+    (:func:`~autodecomp.config.samplers.make_pruner`): ``pruner`` (``none`` or
+    ``successive_halving``), its first rung ``pruner_min_steps`` (None: ``proxy.steps`` /
+    ``pruner_reduction``**2) and ``pruner_reduction`` (rungs grow, and survivors shrink, by it).
+    """
 
     name: str = setting("tpe", check=known(SAMPLERS))
     seed: int = setting(0, check=at_least(0))
     options: dict[str, Any] = setting(check=table, factory=dict)
+    pruner: str = setting("none", check=known(PRUNERS))
+    pruner_min_steps: int | None = setting(None, check=optional(at_least(1)))
+    pruner_reduction: int = setting(3, check=at_least(2))
 
 
 @dataclass(frozen=True)

@@ -112,9 +112,20 @@ def _solvers(value: Any, where: str) -> dict[str, str]:
     return out
 
 
+def _max_layer_macs(value: Any, where: str) -> float:
+    """The MAC cap: a positive fraction of each layer's dense multiply-adds."""
+    number_given = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number_given and value > 0):
+        raise ConfigError(
+            f"{where} must be a number > 0 (a fraction of each dense layer's MACs, e.g. 1.0), "
+            f"got {show(value)}"
+        )
+    return float(value)
+
+
 _SPACE_KEYS = (
     "layers", "methods", "keep", "ratio", "ranks", "shift_prune", "overrides", "init",
-    "rank_multiple", "solver",
+    "rank_multiple", "solver", "max_layer_macs",
 )  # fmt: skip
 _INITS = ("weight", "data")
 _RULE_KEYS = ("layers", "methods", "keep", "ratio", "ranks")
@@ -160,6 +171,7 @@ def parse_space(raw: Any, source: str = "<inline>") -> SpaceConfig:
         init=init,
         rank_multiple=integer(raw.get("rank_multiple", 1), f"{where}.rank_multiple", minimum=1),
         solvers=_solvers(raw.get("solver"), f"{where}.solver"),
+        max_layer_macs=_max_layer_macs(raw.get("max_layer_macs", 1.0), f"{where}.max_layer_macs"),
         source=source,
     )
 

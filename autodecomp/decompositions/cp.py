@@ -13,11 +13,11 @@ from tensorly.cp_tensor import CPTensor
 from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
-from ..factorize.cp_als import cp_als
+from ..factorize.cp_warm import PRECISIONS, check_precision, fit_cp
 from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
 
-_SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread", "solver")
+_SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread", "solver", "precision", "warm")
 
 
 def max_cp_rank(shape: tuple[int, ...]) -> int:
@@ -47,9 +47,12 @@ def cached_cp(
 ) -> list[torch.Tensor]:
     """Balanced CP factors of ``tensor`` (a reshaped ``weight``), cached per layer and rank.
 
-    ``solver="tensorly"`` fits them by tensorly's ``parafac`` (pytorch backend, float64)
-    instead of :func:`~autodecomp.factorize.cp_als.cp_als`; the other options mean the same
-    for both (``tol`` in each solver's own convergence test).
+    By :func:`~autodecomp.factorize.cp_warm.fit_cp`: ``precision`` ``"search"`` (default) or
+    ``"full"``, ``warm`` (default true: warm-started from the anchor rank's fit), and
+    :func:`~autodecomp.factorize.cp_als.cp_als`'s ``max_iter``, ``tol``, ``init``, ``seed``,
+    ``max_spread`` overriding the precision's. ``solver="tensorly"`` fits them by tensorly's
+    ``parafac`` (pytorch backend, float64) instead, cold, with the same cp_als options
+    (``tol`` in its own convergence test; ``precision`` and ``warm`` do not apply).
     """
     unknown = set(opts) - set(_SOLVER_OPTIONS)
     if unknown:
@@ -58,13 +61,19 @@ def cached_cp(
         )
     opts = dict(opts)
     solver = opts.pop("solver", "autodecomp")
+    precision = check_precision(opts.pop("precision", "search"))
+    warm = opts.pop("warm", True)
+    if not isinstance(warm, bool):
+        raise ValueError(f"{method} option warm must be true or false, got {warm!r}")
+    if solver == "autodecomp":
+        key = f"{method}/cp_als-v2/{weight_key(weight)}"
+        return fit_cp(tensor, rank, cache=cache, key=key, precision=precision, warm=warm,
+                      options=opts)  # fmt: skip
     options = "/".join(f"{k}={opts[k]!r}" for k in sorted(opts))
-    version = "cp_als-v1" if solver == "autodecomp" else "tensorly-parafac-v1"
-    key = f"{method}/{version}/{weight_key(weight)}/{rank}/{options}"
-    fit = cp_als if solver == "autodecomp" else tensorly_solvers.cp
+    key = f"{method}/tensorly-parafac-v1/{weight_key(weight)}/{rank}/{options}"
 
     def compute() -> list[torch.Tensor]:
-        weights, factors, _ = fit(tensor.detach().to(torch.float64), rank, **opts)
+        weights, factors, _ = tensorly_solvers.cp(tensor.detach().to(torch.float64), rank, **opts)
         return [factors[0] * weights, *factors[1:]]
 
     return cache.get_or_compute(key, compute)
@@ -84,8 +93,10 @@ class CPConv(DecomposedConv):
 
     ``dense_weight()[f, c, i, j] = sum_r last[f, r] * vertical[r, i] * horizontal[r, j] *
     first[r, c]``. Initialised by CP-ALS of the kernel in float64 with balanced factor norms.
-    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``,
-    ``solver`` (``"tensorly"``: tensorly's ``parafac`` instead of ``cp_als``).
+    Options: ``precision`` (``"search"``, default, or ``"full"``: see
+    :mod:`~autodecomp.factorize.cp_warm`), ``warm``, ``max_iter``, ``tol``, ``init``, ``seed``,
+    ``max_spread`` (see ``cp_als``), ``cache``, ``solver`` (``"tensorly"``: tensorly's
+    ``parafac`` instead of ``cp_als``).
 
     ``to_tensorly()``: the ``CPTensor`` of the 4-way kernel ``(F, C, kh, kw)``, unit weights,
     factors ``[last, first^T, vertical, horizontal]`` (each ``(mode size, R)``).
@@ -94,6 +105,7 @@ class CPConv(DecomposedConv):
     rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh, kw)]"
     input_stage = "first"
     tensorly_solver = "parafac"
+    precisions = tuple(PRECISIONS)  # the ``precision`` option's values (export polishes)
 
     def __init__(self, spec: ConvSpec, rank: int) -> None:
         super().__init__(spec, rank)

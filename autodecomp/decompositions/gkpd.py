@@ -140,18 +140,6 @@ class KroneckerChainConv(DecomposedConv):
         return chain_params(structure, ranks) + (spec.out_channels if spec.bias else 0)
 
     @classmethod
-    def rank_for_ratio(cls, spec: ConvSpec, ratio: float, rank_multiple: int = 1) -> dict[str, Any]:
-        """The default-structure rank within budget, marked to let the weight pick the structure.
-
-        The returned spec carries ``max_params``: :meth:`from_weight` then chooses the
-        structure and ranks of least reconstruction error of the actual kernel within that
-        many parameters (the weight-free rank it names is the fallback).
-        """
-        rank = dict(super().rank_for_ratio(spec, ratio, rank_multiple))
-        rank["max_params"] = math.floor(ratio * spec.dense_params())
-        return rank
-
-    @classmethod
     def _choose(
         cls,
         weight: torch.Tensor,
@@ -212,8 +200,11 @@ class KroneckerChainConv(DecomposedConv):
         """Initialise from a dense kernel by SVDs of its Van Loan–Pitsianis rearrangements.
 
         Args:
-            candidates: how many factor structures a ``max_params`` rank (what ``ratio``
-                gives) compares on the kernel's singular values; 1 keeps the default one.
+            candidates: how many factor structures a ``max_params`` rank compares on the
+                kernel's singular values; 1 keeps the default one. A ``ratio`` gives the
+                weight-free default structure and rank (:meth:`rank_for_ratio`), whose
+                parameters and MACs fall as the ratio falls; ``{..., "max_params": N}`` asks
+                for the weight's choice instead (its MACs need not be monotone in ``N``).
             slack: relative error margin within which the structure with the fewest
                 multiply-adds is preferred to the most accurate one.
             cache: where the SVDs are kept (one per weight and structure, any rank).

@@ -10,6 +10,7 @@ from tensorly.cp_tensor import CPTensor
 
 from ..core.spec import ConvSpec
 from ..factorize.cache import FactorCache, default_cache
+from ..factorize.cp_warm import PRECISIONS
 from .base import DecomposedConv, register, round_down_width
 from .cp import cached_cp, check_cp_rank, cp_tensor, max_cp_rank
 from .layers import SpatialConv, pointwise, pointwise_conv
@@ -26,8 +27,8 @@ class PDPConv(DecomposedConv):
 
     ``dense_weight()[f, c, i, j] = sum_r last[f, r] * depthwise[r, i, j] * first[r, c]``.
     Initialised by CP-ALS of the reshaped kernel in float64 with balanced factor norms.
-    Options: ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread`` (see ``cp_als``), ``cache``,
-    ``solver`` (``"tensorly"``: tensorly's ``parafac`` instead of ``cp_als``).
+    Options: as :class:`~autodecomp.decompositions.cp.CPConv`'s (``precision``, ``warm``,
+    ``max_iter``, ``tol``, ``init``, ``seed``, ``max_spread``, ``cache``, ``solver``).
 
     ``to_tensorly()``: the ``CPTensor`` of the 3-way kernel ``(F, C, kh*kw)``, unit weights,
     factors ``[last, first^T, depthwise^T]`` (the kernel is its reconstruction reshaped).
@@ -36,6 +37,7 @@ class PDPConv(DecomposedConv):
     rank_help = "R: int in [1, F*C*kh*kw / max(F, C, kh*kw)]"
     input_stage = "first"
     tensorly_solver = "parafac"
+    precisions = tuple(PRECISIONS)  # the ``precision`` option's values (export polishes)
 
     def __init__(self, spec: ConvSpec, rank: int) -> None:
         super().__init__(spec, rank)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..core.errors import DecompositionError
+from .cp_ops import hadamard, khatri_rao, normalize_columns, scaled, split_modes, unflatten
 
 __all__ = ["cp_als", "cp_to_tensor", "default_max_iter"]
 
@@ -53,6 +54,8 @@ class _Settings:
     linesearch: bool
     max_spread: float
     rescue: bool
+    rescue_below: float
+    restarts: int
 
 
 def default_max_iter(numel: int, rank: int) -> int:
@@ -67,9 +70,9 @@ def cp_to_tensor(weights: torch.Tensor, factors: list[torch.Tensor]) -> torch.Te
     shape = [f.shape[0] for f in factors]
     if len(factors) == 1:
         return factors[0] @ weights
-    split = _split(shape)
-    left = _khatri_rao(factors[:split]) * weights
-    return (left @ _khatri_rao(factors[split:]).T).reshape(shape)
+    split = split_modes(shape)
+    left = khatri_rao(factors[:split]) * weights
+    return (left @ khatri_rao(factors[split:]).T).reshape(shape)
 
 
 def cp_als(
@@ -78,13 +81,15 @@ def cp_als(
     *,
     max_iter: int | None = None,
     tol: float = 1e-6,
-    init: str = "svd",
+    init: str | Sequence[torch.Tensor] = "svd",
     seed: int = 0,
     ridge: float = 1e-12,
     linesearch: bool = True,
     max_spread: float = 1e3,
     balance: bool = True,
     rescue: bool = True,
+    rescue_below: float = math.inf,
+    restarts: int = _RESTARTS,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Rank-``rank`` CP decomposition of ``tensor`` by ALS.
@@ -96,7 +101,8 @@ def cp_als(
             the sweeps' contractions cost about 5e10 flops (but at least 20 sweeps).
         tol: stop once a sweep lowers the relative error by less than ``tol`` times itself.
         init: ``"svd"`` (leading left singular vectors of each unfolding, padded with seeded
-            random columns when ``rank`` exceeds the mode size) or ``"random"``.
+            random columns when ``rank`` exceeds the mode size), ``"random"``, or start
+            factors (a warm start: one ``(mode size, rank)`` matrix per mode, any scaling).
         seed: seed of every random draw, so results are reproducible.
         ridge: proximal term (towards the previous iterate) added to the unit-diagonal
             normal equations; it conditions the solves without biasing an exact fit.
@@ -109,6 +115,8 @@ def cp_als(
         rescue: when ALS ends short of an exact fit on a small problem (rank * sum of the
             mode sizes <= 1000), polish it by Levenberg-Marquardt and also try two seeded
             random starts, keeping the best (ALS stalls in swamps and local minima).
+        rescue_below: rescue only ALS fits whose relative error is below this.
+        restarts: the random starts a rescue tries after its polish.
         callback: called as ``callback(sweep, rel_error)`` after every sweep of the ALS from
             ``init`` (not during a rescue), e.g. to time the error trajectory.
 
@@ -122,8 +130,8 @@ def cp_als(
         ValueError: bad ``rank``, ``init`` or ``max_iter``.
     """
     rank = _check_rank(rank)
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    if isinstance(init, str) and init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd', 'random' or start factors, got {init!r}")
     if max_iter is not None and max_iter < 1:
         raise ValueError(f"max_iter must be >= 1 or None, got {max_iter!r}")
     x = tensor.detach().to(torch.float64)
@@ -138,14 +146,17 @@ def cp_als(
 
     if max_iter is None:
         max_iter = default_max_iter(x.numel(), rank)
-    settings = _Settings(max_iter, tol, ridge, linesearch, max_spread, rescue)
+    settings = _Settings(
+        max_iter, tol, ridge, linesearch, max_spread, rescue, rescue_below, restarts
+    )
     gen = torch.Generator(device=x.device).manual_seed(seed)
     keep = [i for i, s in enumerate(shape) if s > 1] or [0]
     core = x.reshape([shape[i] for i in keep]) / norm
     if core.dim() <= 2:
         weights, kept = _svd_cp(core, rank, gen)
     else:
-        weights, kept = _solve(core, rank, init, gen, settings, callback)
+        start = init if isinstance(init, str) else _start(init, shape, rank, keep, norm)
+        weights, kept = _solve(core, rank, start, gen, settings, callback)
     factors = [x.new_ones(1, rank) for _ in shape]
     for mode, factor in zip(keep, kept, strict=True):
         factors[mode] = factor
@@ -163,20 +174,36 @@ def cp_als(
     return weights, factors, rel_error
 
 
+def _start(
+    init: Sequence[torch.Tensor], shape: list[int], rank: int, keep: list[int], norm: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Start factors as unit columns of the kept modes and weights (of the unit-norm tensor)."""
+    sizes = [tuple(f.shape) for f in init]
+    if sizes != [(s, rank) for s in shape]:
+        raise ValueError(f"start factors must have the shapes {[(s, rank) for s in shape]}")
+    weights, unit = normalize_columns([f.detach().to(norm) for f in init])
+    for mode in set(range(len(shape))) - set(keep):
+        weights = weights * unit[mode][0]  # a singleton mode's sign
+    return weights / norm, [unit[mode] for mode in keep]
+
+
 def _solve(
     x: torch.Tensor,
     rank: int,
-    init: str,
+    init: str | tuple[torch.Tensor, list[torch.Tensor]],
     gen: torch.Generator,
     settings: _Settings,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ALS from ``init``; small problems short of an exact fit are then rescued."""
     solver = _Solver(x, rank, settings)
-    factors = _initial_factors(x, rank, init, gen)
-    weights, err, _ = solver.als(x.new_ones(rank), factors, settings.max_iter, callback)
+    if isinstance(init, str):
+        weights, factors = x.new_ones(rank), _initial_factors(x, rank, init, gen)
+    else:
+        weights, factors = init
+    weights, err, _ = solver.als(weights, factors, settings.max_iter, callback)
     small = rank * sum(x.shape) <= _RESCUE_MAX_PARAMS
-    if settings.rescue and small and err > _FLOOR:
+    if settings.rescue and small and _FLOOR < err < settings.rescue_below:
         weights, factors = _rescue(solver, weights, factors, err, gen)
     return weights, factors
 
@@ -190,7 +217,7 @@ def _rescue(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Levenberg-Marquardt from the stalled fit, then from random starts; keeps the best."""
     best = (weights, factors, err)
-    for attempt in range(1 + _RESTARTS):
+    for attempt in range(1 + solver.settings.restarts):
         if best[2] <= _FLOOR:
             break
         try:
@@ -215,7 +242,7 @@ class _Solver:
         self.shape = list(x.shape)
         self.rank = rank
         self.settings = settings
-        self.split = _split(self.shape)
+        self.split = split_modes(self.shape)
         self.left = list(range(self.split))
         self.right = list(range(self.split, x.dim()))
         self.matrix = x.reshape(math.prod(self.shape[: self.split]), -1)
@@ -226,7 +253,7 @@ class _Solver:
         n_left, n_right = self.matrix.shape
         last = self.shape[-1]
         if n_left + n_right <= self.x.numel() // last:  # Khatri-Rao of the group is small
-            kr = _khatri_rao([factors[k] for k in self.right])
+            kr = khatri_rao([factors[k] for k in self.right])
             return (kr.T @ self.matrix.T).reshape(self.rank, *self.shape[: self.split])
         out = (factors[-1].T @ self.x.reshape(-1, last).T).reshape(self.rank, *self.shape[:-1])
         for k in reversed(self.right[:-1]):
@@ -238,7 +265,7 @@ class _Solver:
         n_left, n_right = self.matrix.shape
         first = self.shape[0]
         if n_left + n_right <= self.x.numel() // first:
-            kr = _khatri_rao([factors[k] for k in self.left])
+            kr = khatri_rao([factors[k] for k in self.left])
             return (kr.T @ self.matrix).reshape(self.rank, *self.shape[self.split :])
         out = (factors[0].T @ self.x.reshape(first, -1)).reshape(self.rank, *self.shape[1:])
         for k in self.left[1:]:
@@ -255,7 +282,7 @@ class _Solver:
         so it keeps the system well conditioned without biasing an exact fit.
         """
         ridge = self.settings.ridge
-        gram = _hadamard(grams, skip=(mode,))
+        gram = hadamard(grams, skip=(mode,))
         gram.diagonal().add_(ridge)
         rhs = mttkrp + ridge * previous
         chol, info = torch.linalg.cholesky_ex(gram)
@@ -296,7 +323,7 @@ class _Solver:
         inner: torch.Tensor,
     ) -> float:
         """Relative error from ``<X, X_hat>`` and the Gram matrices (exact when small)."""
-        squared = 1.0 - 2.0 * float(inner) + float(weights @ _hadamard(grams) @ weights)
+        squared = 1.0 - 2.0 * float(inner) + float(weights @ hadamard(grams) @ weights)
         if squared < _EXACT_BELOW**2:
             return float(torch.linalg.vector_norm(cp_to_tensor(weights, factors) - self.x))
         return math.sqrt(squared)
@@ -307,7 +334,7 @@ class _Solver:
             raise DecompositionError("CP-ALS produced NaN/Inf iterates (ill-conditioned problem)")
         spread = float(torch.linalg.vector_norm(weights))
         if spread > self.settings.max_spread:
-            congruence = _hadamard(grams)
+            congruence = hadamard(grams)
             congruence.fill_diagonal_(1.0)
             i, j = divmod(int(torch.argmin(congruence)), self.rank)
             raise DecompositionError(
@@ -335,15 +362,15 @@ class _Solver:
         acc_pow, acc_fail = 2.0, 0
         for it in range(1, max_iter + 1):
             extrapolate = linesearch and it > _LS_START and it % _LS_EVERY == 0
-            before = _scaled(weights, factors) if extrapolate else None
+            before = scaled(weights, factors) if extrapolate else None
             weights, mttkrp = self.sweep(weights, factors, grams, partial)
             partial = None
             err = self.error(weights, factors, grams, _inner(mttkrp, factors[-1], weights))
             if before is not None and err > _FLOOR:
                 step = it ** (1.0 / acc_pow)
-                after = _scaled(weights, factors)
+                after = scaled(weights, factors)
                 moved = [b + step * (a - b) for a, b in zip(after, before, strict=True)]
-                new_weights, new_factors = _normalize(moved)
+                new_weights, new_factors = normalize_columns(moved)
                 new_grams = [f.T @ f for f in new_factors]
                 new_partial = self.contract_right(new_factors)
                 first = _mttkrp(new_partial, new_factors, self.left, 0)
@@ -401,7 +428,7 @@ class _Solver:
                     step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
                 else:
                     step = torch.linalg.lstsq(damped, grad[:, None]).solution[:, 0]
-                candidate = _unflatten(theta, step)
+                candidate = unflatten(theta, step)
                 candidate_err = self.residual(candidate)
                 if candidate_err < err:
                     predicted = float(step @ (mu * step + grad))
@@ -410,7 +437,7 @@ class _Solver:
                     nu, trial, new_err = 2.0, candidate, candidate_err
                     break
                 mu, nu = mu * nu, nu * 2.0
-            weights, unit = _normalize(trial)
+            weights, unit = normalize_columns(trial)
             self.check(weights, [f.T @ f for f in unit], new_err)
             if float(torch.linalg.vector_norm(weights)) > _LM_SPREAD:
                 theta, err = start
@@ -419,7 +446,7 @@ class _Solver:
             stalls = stalls + 1 if err_prev - err <= stall * err_prev else 0
             if stalls == _LM_STALLS:
                 break
-        weights, factors[:] = _normalize(theta)
+        weights, factors[:] = normalize_columns(theta)
         return weights, err, it
 
     def residual(self, factors: list[torch.Tensor]) -> float:
@@ -442,13 +469,13 @@ class _Solver:
         right, left = self.contract_right(factors), self.contract_left(factors)
         grad = []
         for n in range(order):
-            gamma = _hadamard(grams, skip=(n,))
+            gamma = hadamard(grams, skip=(n,))
             rows = slice(offsets[n], offsets[n + 1])
             eye = torch.eye(factors[n].shape[0], dtype=gamma.dtype, device=gamma.device)
             jtj[rows, rows] = torch.kron(eye, gamma)
             for m in range(n + 1, order):
                 block = torch.einsum(
-                    "is,jr,rs->irjs", factors[n], factors[m], _hadamard(grams, skip=(n, m))
+                    "is,jr,rs->irjs", factors[n], factors[m], hadamard(grams, skip=(n, m))
                 ).reshape(sizes[n], sizes[m])
                 jtj[rows, offsets[m] : offsets[m + 1]] = block
                 jtj[offsets[m] : offsets[m + 1], rows] = block.T
@@ -488,49 +515,6 @@ def _reduce(partial: torch.Tensor, factor: torch.Tensor, axis: int) -> torch.Ten
 def _inner(mttkrp: torch.Tensor, factor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``<X, X_hat>`` from one mode's MTTKRP ``(R, I)``, its unit factor and the weights."""
     return (mttkrp * factor.T).sum(dim=1) @ weights
-
-
-def _hadamard(grams: list[torch.Tensor], skip: tuple[int, ...] = ()) -> torch.Tensor:
-    """Elementwise product of the Gram matrices not in ``skip``."""
-    out = torch.ones_like(grams[0])
-    for k, gram in enumerate(grams):
-        if k not in skip:
-            out = out * gram
-    return out
-
-
-def _khatri_rao(mats: list[torch.Tensor]) -> torch.Tensor:
-    """Column-wise Kronecker product, first matrix's row index varying slowest."""
-    out = mats[0]
-    for mat in mats[1:]:
-        out = (out[:, None, :] * mat[None, :, :]).reshape(-1, out.shape[1])
-    return out
-
-
-def _split(shape: list[int]) -> int:
-    """Where to cut the modes into two groups so both partial products stay small."""
-    return min(range(1, len(shape)), key=lambda m: math.prod(shape[:m]) + math.prod(shape[m:]))
-
-
-def _scaled(weights: torch.Tensor, factors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Factors with the weights folded into the last one."""
-    return [*factors[:-1], factors[-1] * weights]
-
-
-def _normalize(factors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Unit-norm columns and the product of the removed norms."""
-    norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
-    weights = torch.stack(norms).prod(dim=0)
-    return weights, [f / n.clamp_min(1e-300) for f, n in zip(factors, norms, strict=True)]
-
-
-def _unflatten(factors: list[torch.Tensor], step: torch.Tensor) -> list[torch.Tensor]:
-    """``factors`` plus a flat step laid out mode by mode."""
-    out, start = [], 0
-    for f in factors:
-        out.append(f + step[start : start + f.numel()].reshape(f.shape))
-        start += f.numel()
-    return out
 
 
 def _check_rank(rank: int) -> int:

@@ -137,7 +137,7 @@ def _pick_element(m: torch.Tensor, ra: int, gen: torch.Generator, tries: int = 6
     count, n = m.shape[0], m.shape[1]
     best = None
     for _ in range(tries):
-        alpha, beta = torch.randn(2, count, generator=gen, dtype=m.dtype)
+        alpha, beta = torch.randn(2, count, generator=gen, dtype=m.dtype, device="cpu").to(m.device)
         gens = torch.linalg.solve(
             torch.einsum("s,snm->nm", alpha, m).T, m.transpose(1, 2)
         ).transpose(1, 2)
@@ -176,7 +176,9 @@ def _consistent_basis(gens: torch.Tensor, start: torch.Tensor, r: int) -> torch.
             queue.extend((len(vecs) - 1, q) for q in range(gens.shape[0]))
     if len(vecs) < r:  # degenerate (e.g. a 2-tap kernel): complete arbitrarily, ALS takes over
         fill = torch.linalg.qr(
-            torch.cat([v[:, :1] for v in vecs] + [torch.eye(n, dtype=start.dtype)], 1)
+            torch.cat(
+                [v[:, :1] for v in vecs] + [torch.eye(n, dtype=start.dtype, device=start.device)], 1
+            )
         )[0]
         vecs += [fill[:, j : j + 1].expand(n, ra) for j in range(len(vecs), r)]
     return torch.stack(vecs, 2).reshape(n, ra * r)
@@ -187,8 +189,8 @@ def _eigenspace(x: torch.Tensor, lam: float, dim: int, gen: torch.Generator) -> 
     iteration)."""
     n = x.shape[0]
     shift = lam + 1e-9 * (float(x.abs().max()) or 1.0)
-    lu = torch.linalg.lu_factor(x - shift * torch.eye(n, dtype=x.dtype))
-    y = torch.randn(n, dim, generator=gen, dtype=x.dtype)
+    lu = torch.linalg.lu_factor(x - shift * torch.eye(n, dtype=x.dtype, device=x.device))
+    y = torch.randn(n, dim, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
     for _ in range(3):
         y = torch.linalg.qr(torch.linalg.lu_solve(*lu, y)).Q
     return y
@@ -203,7 +205,7 @@ def _ring_init_algebraic(
     last truncation (0 for an exact ring; large ones mean the kernel is no ring of this rank)."""
     s, n, _ = m.shape
     if s == 1 or r == 1:
-        q = torch.eye(n, dtype=m.dtype)
+        q = torch.eye(n, dtype=m.dtype, device=m.device)
     else:
         gens, x, lam = _pick_element(m, ra, gen)
         q = _consistent_basis(gens, _eigenspace(x, lam, ra, gen), r)
@@ -278,7 +280,7 @@ def _als_update(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tens
         cc = torch.einsum("zkx,vku->zxvu", c, c)
         gram = torch.einsum("yzwv,zxvu->xyuw", bb, cc).reshape(nx * ny, nx * ny)
     ridge = 1e-13 * float(gram.diagonal().sum()) / gram.shape[0]
-    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     new = torch.linalg.solve(gram, rhs.T).T
     residual2 = t.pow(2).sum() - 2 * (new * rhs).sum() + ((new @ gram) * new).sum()
     return new.reshape(ni, nx, ny).permute(1, 0, 2).contiguous(), float(residual2.clamp_min(0))

@@ -13,14 +13,14 @@ from ..compress.plan import PRUNE, PlanEntry
 from ..decompositions import DecomposedConv
 from .cost import count_macs, count_params
 
-__all__ = ["PlanCost"]
+__all__ = ["PlanCost", "layer_input_shapes"]
 
 
 def _rank_json(rank: Any) -> Any:
     return list(rank) if isinstance(rank, tuple) else rank
 
 
-def _input_shapes(
+def layer_input_shapes(
     model: nn.Module, input_shape: tuple[int, ...], names: list[str]
 ) -> dict[str, tuple[int, ...]]:
     """``(C, H, W)`` of the input each named module sees, from one forward pass."""
@@ -67,7 +67,7 @@ class PlanCost:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], layers: list[str]):
         self.macs = count_macs(model, input_shape)
-        self.shapes = _input_shapes(model, input_shape, layers)
+        self.shapes = layer_input_shapes(model, input_shape, layers)
         self._dense = {n: count_macs(model.get_submodule(n), self.shapes[n]) for n in layers}
         self._cache: dict[tuple[str, str, str], int] = {}
 

@@ -206,9 +206,12 @@ def run_until_total(
     heartbeat: Heartbeat,
     attrs: Mapping[str, Any],
     callbacks: Sequence[Callback] = (),
+    catch: tuple[type[Exception], ...] = CATCH,
+    poll_s: float | None = None,
 ) -> LoopResult:
     """:func:`run_trials` as a process of the study runs it: with the study's start lock,
-    the objective's failures caught (:data:`~autodecomp.search.objective.CATCH`), the
+    the objective's failures caught (``catch``, default
+    :data:`~autodecomp.search.objective.CATCH`), the
     interrupted trial re-queued on Ctrl-C or SIGTERM, and a storage failure turned into a
     one-line :class:`ConfigError`. When this process starts waiting for running trials of
     others, it logs a line.
@@ -222,6 +225,9 @@ def run_until_total(
         heartbeat: the storage's heartbeat settings (the retry callback, the polling period).
         attrs: user attributes set on each trial (the process's identity).
         callbacks: called with each finished trial.
+        catch: exceptions that fail a trial without stopping the process.
+        poll_s: seconds between looks at the study while others run its last trials
+            (default: the heartbeat's interval, at most 5 s).
     """
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -243,11 +249,11 @@ def run_until_total(
                 objective,
                 total,
                 lambda: trial_start_lock(url, storage, study.study_name),
-                catch=CATCH,
+                catch=catch,
                 attrs=attrs,
                 callbacks=[*callbacks, count],
                 retry=heartbeat.retry_callback(),
-                poll_s=min(5.0, heartbeat.interval),
+                poll_s=min(5.0, heartbeat.interval) if poll_s is None else poll_s,
                 on_wait=waiting,
             )
     except KeyboardInterrupt:

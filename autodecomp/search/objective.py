@@ -16,7 +16,12 @@ dropped with :class:`optuna.TrialPruned` as early as possible:
 3. distillation from the baseline; at ``floor_step`` the accuracy on ``floor_batches``
    validation batches is recorded, and the trial is pruned (``pruned_at="floor"``) when
    it is below ``accuracy_floor``;
-4. the validation accuracy after the full ``steps``: the search's accuracy objective.
+4. with ``sampler.pruner``, at each of its rung steps the validation accuracy is recorded
+   (``rung_accuracy``) and the pruner may stop the trial (``pruned_at="rung"``) when it
+   trails the candidates of its MAC band (:mod:`autodecomp.search.fidelity`); enqueued
+   trials (warm starts, allocation-ladder rungs, uniform arms) are measured but never
+   stopped there;
+5. the validation accuracy after the full ``steps``: the search's accuracy objective.
 
 User attributes per trial: ``plan``, ``macs``, ``params``, ``macs_ratio`` and
 ``params_ratio`` (compressed / baseline), ``latency_ms`` (``{"cpu": ms[, "cuda": ms]}``,
@@ -24,7 +29,8 @@ when measured), ``over_budget``, ``layers`` (per layer or pruned shift block: me
 (a block's: its direction-group sizes), ratio, prune, rel_error = ||W_approx - W|| / ||W||,
 output_error, macs, params), ``kernel_error`` and
 ``layer_output_error`` (means over the searched layers, kept ones counting 0),
-``output_error`` and ``output_kl``, ``pre_ft_accuracy``, ``floor_accuracy``, ``seconds``
+``output_error`` and ``output_kl``, ``pre_ft_accuracy``, ``floor_accuracy``,
+``rung_accuracy``, ``seconds``
 (per phase), and ``pruned`` / ``pruned_at`` / ``fail_reason`` when the trial ends early.
 """
 
@@ -42,6 +48,7 @@ from torch.utils.data import Subset
 from ..compress.calibration import collect_input_stats
 from ..compress.surgery import apply_plan
 from ..config import StudyConfig
+from ..config.samplers import make_pruner, rung_steps
 from ..core.optuna_compat import set_constraints
 from ..decompositions import DecompositionError, UnsupportedLayerError
 from ..factorize.input_stats import InputStats
@@ -51,6 +58,7 @@ from ..workload import train
 from ..workload.data import DataSplits, make_loader
 from ..workload.proxy import proxy_finetune
 from .baseline import Baseline
+from .fidelity import rung_pruned
 from .proxies import Calibration, calibration_batch, kernel_errors, mean_error
 from .space import SearchSpace, data_init_supported, suggest_plan
 
@@ -115,6 +123,8 @@ class Objective:
         if p.calibration_size > 0:
             inputs = calibration_batch(splits.train, p.calibration_size, cfg.seed)
             self.calibration = Calibration(baseline.model, inputs, cfg.device)
+        self.pruner = make_pruner(cfg.sampler, p.steps)
+        self.rungs = rung_steps(cfg.sampler, p.steps)
         self.latency = None
         if cfg.measures_latency:
             self.latency = LatencyMeter(cfg.latency, baseline.input_shape, cfg.device)
@@ -245,10 +255,22 @@ class Objective:
         raise optuna.TrialPruned(reason)
 
     def _callback(self, trial: optuna.Trial, model: nn.Module, clock: _Clock):
-        """Record the accuracy at ``floor_step`` (when >= 1); prune below ``accuracy_floor``."""
+        """At ``floor_step`` (when >= 1) record the accuracy, pruning below
+        ``accuracy_floor``; at each pruner rung record it and ask the pruner."""
         p, checked = self.cfg.proxy, []
+        rungs = set(self.rungs)
+        enqueued = "warm_start" in trial.user_attrs  # warm starts, ladder rungs, uniform arms
 
         def callback(step: int, loss: float) -> None:
+            if step in rungs:
+                with clock("rung_eval"):
+                    accuracy = train.evaluate(model, self.val_loader, device=self.cfg.device)
+                if rung_pruned(self.pruner, trial, step, accuracy) and not enqueued:
+                    reason = (
+                        f"accuracy {accuracy:.3f} at step {step} trails its MAC band "
+                        f"({self.cfg.sampler.pruner})"
+                    )
+                    self._prune(trial, "rung", reason)
             if p.floor_step < 1 or checked or step < p.floor_step:
                 return
             checked.append(step)

@@ -30,10 +30,26 @@ from ..decompositions import DecomposedConv
 __all__ = ["Calibration", "calibration_batch", "kernel_errors", "mean_error", "relative_error"]
 
 
+IMAGES_PER_FORWARD = 512  # calibration images one batched forward of network_errors holds
+
+
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """``||approx - exact|| / ||exact||`` in float64 (0 when both are zero)."""
+    return float(_relative(approx, exact))
+
+
+def _relative(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """:func:`relative_error` as a 0-d tensor on the inputs' device (no host sync)."""
     approx, exact = approx.double(), exact.double()
-    return float((approx - exact).norm() / exact.norm().clamp_min(1e-30))
+    return (approx - exact).norm() / exact.norm().clamp_min(1e-30)
+
+
+def _to_host(errors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """0-d error tensors as floats, copied to the host at once."""
+    if not errors:
+        return {}
+    values = torch.stack(list(errors.values())).tolist()
+    return dict(zip(errors, values, strict=True))
 
 
 def calibration_batch(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
@@ -52,8 +68,8 @@ def kernel_errors(teacher: nn.Module, model: nn.Module, names: Iterable[str]) ->
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, DecomposedConv):
-            errors[name] = relative_error(module.dense_weight(), teacher.get_submodule(name).weight)
-    return errors
+            errors[name] = _relative(module.dense_weight(), teacher.get_submodule(name).weight)
+    return _to_host(errors)
 
 
 def mean_error(errors: Mapping[str, float], names: Iterable[str]) -> float:
@@ -66,71 +82,111 @@ class Calibration:
     """The baseline's behaviour on a fixed calibration batch, to score compressed models.
 
     Holds only the batch and the baseline's logits; the per-layer inputs are recomputed by
-    one baseline forward pass per scored model, so memory does not grow with the depth.
+    baseline forward passes per scored model, so memory does not grow with the depth. Every
+    forward runs on ``device`` and errors come back to the host once per forward.
 
     Args:
         teacher: the baseline (eval mode, not modified).
         inputs: the calibration batch (:func:`calibration_batch`).
         device: where to run.
+        images_per_forward: how many images one forward of :meth:`network_errors` may hold:
+            the calibration batch once per layer scored in it (at least one layer).
     """
 
-    def __init__(self, teacher: nn.Module, inputs: torch.Tensor, device: str) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        inputs: torch.Tensor,
+        device: str,
+        images_per_forward: int = IMAGES_PER_FORWARD,
+    ) -> None:
+        if images_per_forward < 1:
+            raise ValueError(f"images_per_forward must be >= 1, got {images_per_forward!r}")
         self.teacher = teacher
         self.inputs = inputs.to(device)
+        self.images_per_forward = images_per_forward
         self.logits = self._forward(teacher)
 
     @torch.no_grad()
-    def _forward(self, model: nn.Module) -> torch.Tensor:
+    def _forward(self, model: nn.Module, inputs: torch.Tensor | None = None) -> torch.Tensor:
         was_training = model.training
         try:
-            return model.eval()(self.inputs)
+            return model.eval()(self.inputs if inputs is None else inputs)
         finally:
             model.train(was_training)
 
+    @staticmethod
+    def _replacements(model: nn.Module, names: Iterable[str]) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the decomposed layers of ``model`` among ``names``."""
+        found = ((name, model.get_submodule(name)) for name in names)
+        return [(name, m) for name, m in found if isinstance(m, DecomposedConv)]
+
     @torch.no_grad()
     def layer_output_errors(self, model: nn.Module, names: Iterable[str]) -> dict[str, float]:
-        """Layer output error of every decomposed layer of ``model`` among ``names``."""
-        errors: dict[str, float] = {}
+        """Layer output error of every decomposed layer of ``model`` among ``names`` (one
+        baseline forward)."""
+        errors: dict[str, torch.Tensor] = {}
 
         def hook(name: str, replacement: nn.Module):
             def score(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-                errors[name] = relative_error(replacement(args[0]), output)
+                errors[name] = _relative(replacement(args[0]), output)
 
             return score
 
-        handles = []
-        for name in names:
-            replacement = model.get_submodule(name)
-            if isinstance(replacement, DecomposedConv):
-                layer = self.teacher.get_submodule(name)
-                handles.append(layer.register_forward_hook(hook(name, replacement)))
+        handles = [
+            self.teacher.get_submodule(name).register_forward_hook(hook(name, replacement))
+            for name, replacement in self._replacements(model, names)
+        ]
         try:
             if handles:
                 self._forward(self.teacher)
         finally:
             for handle in handles:
                 handle.remove()
-        return errors
+        return _to_host(errors)
 
     @torch.no_grad()
     def network_errors(self, model: nn.Module, names: Iterable[str]) -> dict[str, float]:
         """Relative logit error of the baseline with only that layer replaced, for every
         decomposed layer of ``model`` among ``names``: the layer's error as the network's
-        output sees it (one forward pass per layer)."""
-        errors: dict[str, float] = {}
-        for name in names:
-            replacement = model.get_submodule(name)
-            if not isinstance(replacement, DecomposedConv):
-                continue
-            layer = self.teacher.get_submodule(name)
-            handle = layer.register_forward_hook(
-                lambda _module, args, _output, swap=replacement: swap(args[0])
-            )
-            try:
-                errors[name] = relative_error(self._forward(self.teacher), self.logits)
-            finally:
+        output sees it.
+
+        Batched: one forward holds the calibration batch once per layer of a group (as many
+        as ``images_per_forward`` allows), copy ``i`` having only layer ``i`` replaced; the
+        baseline is in eval mode, so the copies do not interact.
+        """
+        layers = self._replacements(model, names)
+        per_forward = max(1, self.images_per_forward // len(self.inputs))
+        errors: dict[str, torch.Tensor] = {}
+        for start in range(0, len(layers), per_forward):
+            errors |= self._one_replaced_each(layers[start : start + per_forward])
+        return _to_host(errors)
+
+    def _one_replaced_each(self, layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+        n = len(self.inputs)
+
+        def swap(index: int, replacement: nn.Module):
+            def replace(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor):
+                part = slice(index * n, (index + 1) * n)
+                output[part] = replacement(args[0][part])
+                return output
+
+            return replace
+
+        handles = [
+            self.teacher.get_submodule(name).register_forward_hook(swap(i, replacement))
+            for i, (name, replacement) in enumerate(layers)
+        ]
+        try:
+            inputs = self.inputs.repeat(len(layers), *[1] * (self.inputs.dim() - 1))
+            logits = self._forward(self.teacher, inputs).reshape(len(layers), n, -1)
+        finally:
+            for handle in handles:
                 handle.remove()
-        return errors
+        reference = self.logits.reshape(1, n, -1).double()
+        diff = (logits.double() - reference).flatten(1).norm(dim=1)
+        scores = diff / reference.norm().clamp_min(1e-30)
+        return {name: scores[i] for i, (name, _) in enumerate(layers)}
 
     @torch.no_grad()
     def output_errors(self, model: nn.Module) -> dict[str, float]:

@@ -15,6 +15,12 @@ module of the model has at most one plan entry and ``apply_plan`` never decompos
 whose shape pruning changes. A layer that draws a method building shift blocks (``shift``)
 also draws ``"{layer}/{method}/prune"`` in the same range, and its entry gets ``"prune": p``:
 ``apply_plan`` decomposes it, then prunes the decomposed layer.
+
+MAC cap (``max_layer_macs`` in the space, default 1.0): no option costs more than that
+fraction of its dense layer's MACs (:mod:`~autodecomp.search.mac_cap`). A method's ratio
+range on a layer ends at its ratio ceiling (:meth:`LayerSpace.ratio_range`; ratios stay
+fractions of the dense parameters), listed ranks over the cap are dropped, and a method
+with no option under the cap is not offered on that layer.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from ..config import Budgets, RatioRange, SpaceConfig
 from ..core.errors import ConfigError
 from ..decompositions import ConvSpec, get_method, supporting_methods
 from ..measure.cost import count_macs, count_params
-from ..measure.plan_cost import PlanCost
+from ..measure.plan_cost import PlanCost, layer_input_shapes
+from .mac_cap import ratio_ceiling, within_cap
 
 __all__ = [
     "KEEP",
@@ -71,6 +78,19 @@ class LayerSpace:
     prunable: tuple[str, ...] = ()  # choices whose decomposed layer is pruned as well
     rank_multiple: int = 1  # ratio-chosen channel ranks >= this: rounded down to a multiple
     solvers: dict[str, str] = field(default_factory=dict)  # method -> non-default solver
+    ceilings: dict[str, float] = field(default_factory=dict)  # method -> ratio ceiling < hi
+
+    def ratio_range(self, method: str) -> RatioRange:
+        """The ratios ``method`` draws on this layer: the space's range ending at the method's
+        MAC ceiling (the whole range at the ceiling when it lies below the low end)."""
+        ceiling = self.ceilings.get(method)
+        r = self.ratio
+        if ceiling is None or ceiling >= r.hi:
+            return r
+        if ceiling <= r.lo:
+            return RatioRange(ceiling, ceiling, r.log, r.step)
+        hi = ceiling if r.step is None else r.lo + math.floor((ceiling - r.lo) / r.step) * r.step
+        return RatioRange(r.lo, hi, r.log, r.step)
 
     def param_names(self) -> list[str]:
         """Every parameter name this layer can produce."""
@@ -145,23 +165,61 @@ def _rank_codes(
     return tuple(codes)
 
 
-def resolve_space(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
+def resolve_space(
+    model: nn.Module, cfg: SpaceConfig, input_shape: Sequence[int] | None = None
+) -> SearchSpace:
     """Apply a search-space config to a model's conv layers and (with ``shift_prune``) its
     shift blocks; the layer globs select among both.
 
+    ``input_shape`` ``(C, H, W)`` gives each layer's input size, at which options are held
+    to ``cfg.max_layer_macs`` (a study always passes it; without it nothing is capped).
+
     Raises:
         ConfigError: a glob that matches no layer, a rank invalid for a layer, or a target
-            layer that no allowed method supports while ``keep`` is disallowed.
+            layer that no allowed method supports (or none under the MAC cap) while
+            ``keep`` is disallowed.
     """
     try:
-        return _resolve(model, cfg)
+        return _resolve(model, cfg, None if input_shape is None else tuple(input_shape))
     except ConfigError as err:
         if cfg.source == "<inline>":
             raise
         raise ConfigError(f"{cfg.source}: {err}") from None
 
 
-def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
+def _capped(
+    spec: ConvSpec,
+    size: tuple[int, int],
+    methods: Sequence[str],
+    ratio: RatioRange,
+    ranks: dict[str, tuple[RankCode, ...]],
+    cfg: SpaceConfig,
+) -> tuple[list[str], dict[str, float], dict[str, tuple[RankCode, ...]]]:
+    """The methods with an option under the MAC cap, their ratio ceilings below ``ratio.hi``
+    and their listed ranks under the cap."""
+    kept: list[str] = []
+    ceilings: dict[str, float] = {}
+    capped: dict[str, tuple[RankCode, ...]] = {}
+    for method in methods:
+        if method in ranks:
+            codes = ranks[method]
+            normal = [get_method(method).normalize_rank(spec, _decode(c)) for c in codes]
+            fit = within_cap(method, spec, normal, size, cfg.max_layer_macs)
+            capped[method] = tuple(c for c, r in zip(codes, normal, strict=True) if r in fit)
+            if capped[method]:
+                kept.append(method)
+            continue
+        ceiling = ratio_ceiling(method, spec, size, cfg.max_layer_macs, ratio.hi, cfg.rank_multiple)
+        if ceiling is not None:
+            kept.append(method)
+            if ceiling < ratio.hi:
+                ceilings[method] = ceiling
+    return kept, ceilings, capped
+
+
+def _resolve(
+    model: nn.Module, cfg: SpaceConfig, input_shape: tuple[int, ...] | None
+) -> SearchSpace:
     convs = conv_layers(model)
     blocks = shift_blocks(model) if cfg.shift_prune is not None else []
     kind = "conv layer or shift block" if blocks else "target conv layer"
@@ -176,6 +234,7 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
         (r, _matching(targets, r.layers, f"space.overrides[{i}].layers"))
         for i, r in enumerate(cfg.overrides)
     ]
+    shapes = {} if input_shape is None else layer_input_shapes(model, input_shape, targets)
     layers = []
     for name in targets:
         methods, keep, ratio, ranks = cfg.methods, cfg.keep, cfg.ratio, dict(cfg.ranks)
@@ -193,6 +252,17 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
                 f"layer {name!r}: none of the allowed methods ({', '.join(methods)}) supports "
                 f"it and keep is false; methods that can: {', '.join(supported) or 'none'}"
             )
+        listed = {m: _rank_codes(name, spec, m, ranks[m]) for m in offered if m in ranks}
+        uncapped, ceilings = offered, {}
+        if name in shapes:
+            size = shapes[name][1:]
+            offered, ceilings, listed = _capped(spec, size, offered, ratio, listed, cfg)
+        if uncapped and not offered and not keep:
+            raise ConfigError(
+                f"layer {name!r}: every option of {', '.join(uncapped)} costs more than "
+                f"space.max_layer_macs = {cfg.max_layer_macs:g} x its dense MACs and keep is "
+                "false; raise max_layer_macs or allow keep"
+            )
         if not offered:  # only "keep": nothing to search on this layer
             continue
         pruning = cfg.shift_prune is not None
@@ -203,11 +273,12 @@ def _resolve(model: nn.Module, cfg: SpaceConfig) -> SearchSpace:
                 spec=spec,
                 choices=tuple(offered) + ((KEEP,) if keep else ()),
                 ratio=ratio,
-                ranks={m: _rank_codes(name, spec, m, ranks[m]) for m in offered if m in ranks},
+                ranks=listed,
                 prune=cfg.shift_prune if prunable else None,
                 prunable=prunable,
                 rank_multiple=cfg.rank_multiple,
                 solvers={m: s for m, s in cfg.solvers.items() if m in offered},
+                ceilings=ceilings,
             )
         )
     blocks_space = tuple(BlockSpace(b, cfg.shift_prune) for b in pruned)
@@ -230,7 +301,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> dict[str, dict[str,
             )
             fields["rank"] = _decode(code)
         elif method != KEEP:
-            fields["ratio"] = _suggest_ratio(trial, f"{layer.name}/{method}/ratio", layer.ratio)
+            name = f"{layer.name}/{method}/ratio"
+            fields["ratio"] = _suggest_ratio(trial, name, layer.ratio_range(method))
             if layer.rank_multiple > 1:
                 fields["rank_multiple"] = layer.rank_multiple
         if method in layer.prunable:
@@ -273,7 +345,8 @@ def _nearest_rank(layer: LayerSpace, method: str, ratio: float) -> RankCode:
 def layer_params(layer: LayerSpace, method: str, ratio: float | None = None) -> dict[str, Any]:
     """Fixed parameters putting ``layer`` on ``method`` at about ``ratio``.
 
-    The ratio is clipped (and snapped to the step) into the layer's range; with explicit
+    The ratio is clipped (and snapped to the step) into the method's range on the layer
+    (:meth:`LayerSpace.ratio_range`: below its MAC ceiling); with explicit
     ranks, the largest rank within the ratio is taken; a pruned method's pruning ratio is
     the range's low end.
     """
@@ -283,7 +356,7 @@ def layer_params(layer: LayerSpace, method: str, ratio: float | None = None) -> 
     if method in layer.ranks:
         params[f"{layer.name}/{method}/rank"] = _nearest_rank(layer, method, ratio)
     else:
-        params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio)
+        params[f"{layer.name}/{method}/ratio"] = _snap(ratio, layer.ratio_range(method))
     if method in layer.prunable:
         params[f"{layer.name}/{method}/prune"] = layer.prune.lo
     return params

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..compress.plan import plan_summary
 from ..config import SAMPLERS, SamplerConfig, StudyConfig, config_from_dict
+from ..config.samplers import make_pruner
 from ..core.errors import ConfigError
 from ..core.optuna_compat import set_metric_names
 from ..factorize import default_cache
@@ -44,8 +45,9 @@ from ..workload import train
 from ..workload.data import DataSplits, load_data
 from ..workload.models import get_model
 from ..workload.runtime import configure_runtime, environment
-from .allocate import Ladder, allocation_ladder
 from .baseline import Baseline, load_baseline
+from .ladder import Ladder
+from .ladder_units import build_ladder, enqueue_units
 from .loop import COUNTED, counted_text, run_until_total
 from .objective import Objective
 from .seeds import seed_each_trial, study_seeds
@@ -159,7 +161,7 @@ def prepare(cfg: StudyConfig) -> Prepared:
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model: {err}") from None
-    space = resolve_space(model, cfg.space)
+    space = resolve_space(model, cfg.space, splits.input_shape)
     warm: list[tuple[str, dict[str, Any]]] = []
     for start in cfg.warm_start:
         params = uniform_params(space, start.method, start.ratio)
@@ -216,29 +218,31 @@ def open_study(
     storage: optuna.storages.BaseStorage | None = None,
 ) -> optuna.Study:
     """Load the study, or create it (storing config, folder and baseline, enqueueing warm
-    starts, then the first rung of the allocation ladder). Workers find the baseline and
-    factor cache in the stored ``folder``. The allocation ladder (:mod:`autodecomp.search.allocate`)
-    is computed before the study is created: an interrupted creation leaves nothing behind.
-    ``storage``: the opened ``cfg.storage`` (default: opened here, with the default heartbeat)."""
+    starts). Workers find the baseline and factor cache in the stored ``folder``. A new
+    study with an allocation ladder (``initial_design.plans``) gets its scoring units
+    enqueued in a companion study first (:func:`~autodecomp.search.ladder_units.enqueue_units`;
+    nothing is scored here): every process running its trials builds the ladder together
+    (:func:`build_ladder`), then climbs it. ``storage``: the opened ``cfg.storage``
+    (default: opened here, with the default heartbeat)."""
     storage = storage or open_storage(cfg.storage)
     config = cfg.to_dict()
-    ladder = None
     if cfg.initial_design.plans > 0 and not _exists(storage, cfg.name):
-        rungs = allocation_ladder(
-            cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid
-        )
-        accuracy_index = cfg.objectives.index("accuracy")
-        ladder = Ladder(rungs, cfg.initial_design.plans, accuracy_index, baseline.accuracy)
-        _log.info(f"up to {min(ladder.plans, len(rungs))} trials climb it, after any warm starts")
+        enqueue_units(storage, cfg, prepared.space)
     try:
         study = optuna.create_study(
             study_name=cfg.name,
             storage=storage,
             sampler=prepared.sampler,
             directions=cfg.directions,
+            pruner=make_pruner(cfg.sampler, cfg.proxy.steps),
         )
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=prepared.sampler)
+        study = optuna.load_study(
+            study_name=cfg.name,
+            storage=storage,
+            sampler=prepared.sampler,
+            pruner=make_pruner(cfg.sampler, cfg.proxy.steps),
+        )
         check_same_config(cfg.name, study.user_attrs.get("config"), config)
         if study.metric_names is None:  # made before studies named their values
             set_metric_names(study, cfg.objectives)
@@ -252,8 +256,6 @@ def open_study(
     study.set_user_attr("environment", {**environment(cfg.device), "seeds": study_seeds(cfg)})
     for label, params in prepared.warm_starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
-    if ladder is not None:
-        ladder.store(study)
     return study
 
 
@@ -373,6 +375,8 @@ def setup_study(cfg: StudyConfig) -> optuna.Study:
         f"study {cfg.name!r} is ready: {counted_text(_count(study, COUNTED), cfg.trials, 'done')}; "
         f"baseline val accuracy {baseline.accuracy:.4f}, cache in {cfg.folder / 'cache'}"
     )
+    if cfg.initial_design.plans > 0 and Ladder.ATTR not in study.user_attrs:
+        _log.info("the workers build the allocation ladder together, then climb it")
     _log.info(f"start workers with: autodecomp worker --study {cfg.name} --storage {cfg.storage}")
     if cfg.storage.startswith("sqlite"):
         _log.info(
@@ -406,8 +410,23 @@ def run_search(
         )
         if done >= cfg.trials:
             return SearchResult(study, interrupted=False)
-        objective = Objective(cfg, prepared.space, baseline, prepared.splits)
         identity = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.device}
+        attrs = {"worker": {**identity, "command": "search"}}
+        built = build_ladder(
+            study,
+            cfg,
+            prepared.space,
+            baseline,
+            prepared.splits,
+            url=cfg.storage,
+            storage=storage,
+            heartbeat=heartbeat,
+            attrs=attrs,
+        )
+        if built.interrupted:
+            _log.info("interrupted while building the allocation ladder (its unit is re-queued)")
+            return SearchResult(study, interrupted=True)
+        objective = Objective(cfg, prepared.space, baseline, prepared.splits)
         with _progress(cfg, done) as progress:
             result = run_until_total(
                 study,
@@ -416,7 +435,7 @@ def run_search(
                 storage=storage,
                 total=cfg.trials,
                 heartbeat=heartbeat,
-                attrs={"worker": {**identity, "command": "search"}},
+                attrs=attrs,
                 callbacks=[*study_callbacks(study, cfg), progress],
             )
     if result.interrupted:

@@ -8,7 +8,9 @@ creates the study and stores on it the config, the study folder (holding the
 baseline checkpoint and the factor cache, so it must be shared by every node at the same
 path, or given with ``--folder``) and the baseline's measurements.
 
-A worker runs the loop every process of a study runs (:mod:`autodecomp.search.loop`, shared
+A worker first helps build the study's allocation ladder (:mod:`autodecomp.search.ladder_units`:
+it scores units until none is left, one worker assembles the ladder), then runs the loop
+every process of a study runs (:mod:`autodecomp.search.loop`, shared
 with ``autodecomp search``): exactly the total under the study's start lock, stale trials
 failed and re-queued, Ctrl-C or SIGTERM (a SLURM time limit) re-queueing the running trial.
 Each worker seeds its sampler from its ``index`` (TPE with ``constant_liar``) and records
@@ -30,6 +32,7 @@ from ..config import StudyConfig, config_from_dict
 from ..core.errors import ConfigError
 from ..core.logs import worker_fields
 from .baseline import Baseline, cache_paths
+from .ladder_units import build_ladder
 from .loop import (
     COUNTED,
     MAX_FAILURES_IN_A_ROW,
@@ -70,10 +73,11 @@ class WorkerResult:
     total: int
     interrupted: bool = False
     stopped: str | None = None  # why it stopped before the total, if it did
+    ladder_built: bool = False  # ladder_only: the study's ladder is stored
 
     @property
     def finished(self) -> bool:
-        return self.counted >= self.total
+        return self.counted >= self.total or self.ladder_built
 
 
 def join_study(storage: optuna.storages.BaseStorage, url: str, name: str) -> optuna.Study:
@@ -150,6 +154,7 @@ def run_worker(
     folder: str | os.PathLike[str] | None = None,
     index: int | None = None,
     heartbeat: Heartbeat | None = None,
+    ladder_only: bool = False,
 ) -> WorkerResult:
     """Join the study and run its trials until it has ``total`` COMPLETE + PRUNED trials.
 
@@ -164,13 +169,17 @@ def run_worker(
         folder: the study folder, if not at the path it was created at.
         index: this worker's number, which seeds its sampler (default: the process id).
         heartbeat: heartbeat and retry settings (default: :class:`Heartbeat`).
+        ladder_only: help build the study's allocation ladder, then return without
+            running a trial.
 
     Raises:
         ConfigError: an unreachable storage, a missing study, folder or baseline.
     """
     index = os.getpid() if index is None else index
     with worker_fields(index):
-        return _run(study_name, url, total, device, folder, index, heartbeat or Heartbeat())
+        return _run(
+            study_name, url, total, device, folder, index, heartbeat or Heartbeat(), ladder_only
+        )
 
 
 def _run(
@@ -181,6 +190,7 @@ def _run(
     folder: str | os.PathLike[str] | None,
     index: int,
     heartbeat: Heartbeat,
+    ladder_only: bool,
 ) -> WorkerResult:
     check_storage(url)
     journal = journal_path(url)
@@ -215,6 +225,23 @@ def _run(
         _log.info(trial_summary(trial, accuracy_index))
 
     with quiet_optuna(), shared_factor_cache(cfg.folder / "cache" / "factors"):
+        built = build_ladder(
+            study,
+            cfg,
+            prepared.space,
+            baseline,
+            prepared.splits,
+            url=url,
+            storage=storage,
+            heartbeat=heartbeat,
+            attrs={"worker": identity},
+        )
+        if built.interrupted:
+            _log.info("interrupted while building the allocation ladder; its unit is re-queued")
+            return WorkerResult(built.scored, _counted(study), cfg.trials, interrupted=True)
+        if ladder_only:
+            _log.info(f"allocation ladder built ({built.scored} units scored here); no trial run")
+            return WorkerResult(built.scored, _counted(study), cfg.trials, ladder_built=True)
         result = run_until_total(
             study,
             objective,

@@ -6,6 +6,11 @@ The default ``torch`` format is :mod:`autodecomp.ship.model_file`'s (read back b
 ``torch.export.load(path).module()``); ``--format onnx`` an ONNX file with the metadata in
 ``metadata_props`` (needs ``onnx`` and ``onnxscript``).
 
+Polish: the search fits CP / PDP factors at search precision (``docs/solvers.md``); with
+``--finetune-epochs`` > 0 export refits each such layer at full precision first, from the
+search's factors (:func:`polished_plan`), as ``--polish`` forces and ``--no-polish`` turns
+off. Without extra epochs (and no ``--polish``) the file holds exactly the trial's model.
+
 ``--best`` picks the trial instead of ``--trial N``: the best one under ``--max-drop`` /
 ``--max-macs`` / ``--max-params``, as ``autodecomp report`` answers the same query
 (:func:`autodecomp.results.queries.best_trial`).
@@ -29,10 +34,12 @@ from optuna.trial import TrialState
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..compress.plan import PlanEntry
 from ..compress.surgery import apply_plan, data_init_layers
 from ..config import load_config
 from ..core.errors import ConfigError
 from ..core.files import atomic_write
+from ..decompositions import get_method
 from ..measure.cost import count_macs, count_params
 from ..results.queries import best_trial, query_text
 from ..results.study_view import read_study
@@ -44,7 +51,7 @@ from ..workload.data import DataSplits, make_loader
 from ..workload.proxy import ProxyResult, proxy_distill, proxy_finetune, proxy_loader
 from .model_file import explicit_plan, jsonable, save_model, versions
 
-__all__ = ["FORMATS", "Exported", "configure_parser", "export_trial", "pick_best"]
+__all__ = ["FORMATS", "Exported", "configure_parser", "export_trial", "pick_best", "polished_plan"]
 
 FORMATS = {"torch": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 _log = logging.getLogger(__name__)
@@ -121,6 +128,19 @@ def _check_output(path: Path) -> None:
 
 
 # ---- exporting a trial -------------------------------------------------------------------------
+def polished_plan(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """``plan`` with ``precision: "full"`` added to every entry of a method that has that
+    setting (its class's ``precisions``) and names no precision of its own."""
+    out = dict(plan)
+    for layer, raw in plan.items():
+        entry = PlanEntry.from_dict(raw, layer)
+        if not entry.decomposes or "precision" in entry.options:
+            continue
+        if "full" in getattr(get_method(entry.method), "precisions", ()):
+            out[layer] = entry.to_dict() | {"precision": "full"}
+    return out
+
+
 @dataclass(frozen=True)
 class Exported:
     """What :func:`export_trial` wrote: the file, its metadata and the in-memory model (CPU)."""
@@ -206,6 +226,7 @@ def export_trial(
     finetune_epochs: int = 0,
     lr: float | None = None,
     fmt: str = "torch",
+    polish: bool | None = None,
 ) -> Exported:
     """Rebuild trial ``trial`` of a study from its plan and cached baseline, fine-tune it by
     distillation, evaluate it on the validation and test splits, and save it.
@@ -220,6 +241,9 @@ def export_trial(
             over the training split (a fresh cosine schedule).
         lr: peak learning rate of those epochs (default ``proxy.lr``).
         fmt: ``"torch"``, ``"torch-export"`` or ``"onnx"``.
+        polish: refit the search-precision factors at full precision before the fine-tune
+            (:func:`polished_plan`); ``None``: when ``finetune_epochs`` > 0. Without it the
+            model is exactly the trial's.
 
     Returns:
         The file, its metadata (everything but the state dict) and the model.
@@ -247,7 +271,9 @@ def export_trial(
         _log.info(f"note: trial {trial} is over the study's budget (the search did not train it)")
     data_init = data_init_layers(plan)
     stats = data_init_stats(cfg, baseline.model, prepared.splits, data_init) if data_init else None
-    model = apply_plan(baseline.model, plan, calibration=stats)
+    polish = finetune_epochs > 0 if polish is None else polish
+    built = polished_plan(plan) if polish else plan
+    model = apply_plan(baseline.model, built, calibration=stats)
     _log.info(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
     evaluate = cfg.proxy.eval_batch_size
     val = make_loader(prepared.splits.val, batch_size=evaluate, shuffle=False)
@@ -255,8 +281,15 @@ def export_trial(
     finetune, proxy = _finetune(
         cfg, model, baseline.model, prepared.splits, val, trial, finetune_epochs, lr
     )
+    if built != plan:
+        finetune["polish"] = True  # recorded only when done: other files keep their form
     searched = frozen.values[cfg.objectives.index("accuracy")]
-    if proxy.accuracy != searched and not frozen.user_attrs.get("over_budget"):
+    if built != plan:
+        _log.info(
+            f"trial {trial}: factors polished at full precision; the replayed proxy reaches "
+            f"{proxy.accuracy:.4f} (the search's factors: {searched:.4f})"
+        )
+    elif proxy.accuracy != searched and not frozen.user_attrs.get("over_budget"):
         _log.warning(
             f"warning: the replayed proxy fine-tune reaches validation accuracy "
             f"{proxy.accuracy:.4f}, the search recorded {searched:.4f} (another device, "
@@ -285,7 +318,7 @@ def export_trial(
             "num_classes": prepared.splits.num_classes,
             "in_channels": shape[0],
         },
-        "plan": explicit_plan(model, plan),
+        "plan": explicit_plan(model, built),
         "search_plan": plan,
         "input_shape": shape,
         "metrics": metrics,
@@ -355,6 +388,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     )
     parser.add_argument("--lr", type=float, help="peak fine-tune learning rate (default proxy.lr)")
     parser.add_argument(
+        "--polish",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refit CP / PDP factors at full precision before fine-tuning (default: when "
+        "--finetune-epochs > 0; --no-polish keeps the trial's factors)",
+    )
+    parser.add_argument(
         "--format",
         choices=list(FORMATS),
         default="torch",
@@ -385,6 +425,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
             finetune_epochs=args.finetune_epochs,
             lr=args.lr,
             fmt=args.fmt,
+            polish=args.polish,
         )
         return 0
 

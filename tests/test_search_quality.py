@@ -1,0 +1,66 @@
+"""Uniform sweeps as arms of a search, and the search-quality bench's per-budget summary."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+from autodecomp.search.allocate import Rung
+from autodecomp.search.uniform_arms import uniform_arms
+
+CANDIDATES = {
+    "a": [Rung(0.05, {"r": "a5"}, "a"), Rung(0.08, {"r": "a8"}, "a"),
+          Rung(0.15, {"r": "a15"}, "a"), Rung(0.3, {"r": "a30"}, "a")],
+    "b": [Rung(0.12, {"r": "b12"}, "b"), Rung(0.35, {"r": "b35"}, "b")],
+}  # fmt: skip
+
+
+def _picked(arms):
+    return [params["r"] for _, params in arms]
+
+
+def test_round_one_is_each_methods_dearest_plan_under_each_level():
+    arms = uniform_arms(CANDIDATES, [0.4, 0.1])
+    assert _picked(arms) == ["a8", "a30", "b35"]  # b has nothing under 0.1
+    assert [label for label, _ in arms] == [
+        "uniform a @0.080", "uniform a @0.300", "uniform b @0.350",
+    ]  # fmt: skip
+
+
+def test_all_rounds_sweep_every_plan_under_the_levels_once():
+    # round 2: a5 (under 0.1), a15 and b12 (under 0.4); a8 is already in; nothing is above 0.4
+    assert _picked(uniform_arms(CANDIDATES, [0.1, 0.4], None)) == [
+        "a8", "a30", "b35", "a5", "a15", "b12",
+    ]  # fmt: skip
+    assert _picked(uniform_arms(CANDIDATES, [0.2], 2)) == ["a15", "b12", "a8"]
+    assert uniform_arms(CANDIDATES, [0.01], None) == []
+    assert uniform_arms({}, [0.5], None) == []
+
+
+def _bench():
+    path = Path(__file__).parents[1] / "bench" / "search_quality.py"
+    spec = importlib.util.spec_from_file_location("search_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_counts_ties_as_wins_and_averages_margins():
+    rows = pd.DataFrame({
+        "seed": [1, 2, 3, 1, 2, 3],
+        "budget": [0.1, 0.1, 0.1, 0.4, 0.4, 0.4],
+        "search_test": [0.90, 0.80, 0.70, 0.95, float("nan"), 0.93],
+        "uniform_test": [0.90, 0.85, 0.60, 0.94, 0.90, 0.95],
+        "search_s": [60.0] * 6, "uniform_s": [58.0] * 6,
+        "search_hv": [0.8] * 6, "uniform_hv": [0.7] * 6,
+    })  # fmt: skip
+    rows["margin"] = rows.search_test - rows.uniform_test
+    table = _bench().summary(rows).set_index("budget")
+    assert table.loc["10%", "seeds"] == 3 and table.loc["40%", "seeds"] == 2  # NaN left out
+    assert table.loc["10%", "search >= uniform"] == "67%"  # 0.90 = 0.90 counts
+    assert table.loc["10%", "mean margin"] == "+0.0167"  # (0 - 0.05 + 0.10) / 3
+    assert table.loc["40%", "search >= uniform"] == "50%"
+    assert table.loc["40%", "mean margin"] == "-0.0050"
+    assert table.loc["40%", "search s"] == "60" and table.loc["40%", "uniform s"] == "58"
