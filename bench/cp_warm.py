@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from solver_precision import table
 from trained import trained_model
 
 import autodecomp as ad
@@ -96,14 +97,7 @@ def main() -> None:
     geo_err = math.exp(sum(map(math.log, ratios_all)) / len(ratios_all))
     rows.append(["geometric mean", "", "", "", "", f"{geo_speed:.2f}x", f"{geo_err:.4f}",
                  f"{max(ratios_all):.4f}"])  # fmt: skip
-    if args.markdown:
-        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-        return
-    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
-    for r in [columns, *rows]:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    table(columns, rows, args.markdown)
 
 
 if __name__ == "__main__":
