@@ -12,6 +12,7 @@ from autodecomp.factorize.cp_als import cp_als, cp_to_tensor
 from autodecomp.factorize.cp_warm import (
     PRECISIONS,
     SEARCH_TOL,
+    WARM_ABOVE_CAP,
     anchor_rank,
     check_precision,
     fit_cp,
@@ -149,3 +150,30 @@ def test_full_precision_polishes_the_search_fit():
     cold_full = cp_als(x, 14)[2]
     assert full <= search
     assert full <= cold_full * 1.001
+
+
+def test_large_problems_are_fitted_cold_without_an_anchor(monkeypatch):
+    """Where a cold fit's sweep cap is at most WARM_ABOVE_CAP, warm and cold are the same
+    single fit (an anchor would cost a second fit and save no sweeps)."""
+    import autodecomp.factorize.cp_als as cp_als_module
+    import autodecomp.factorize.cp_warm as cp_warm_module
+
+    x, rank = trained_like((20, 18, 9)), 13
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return cp_als(*args, **kwargs)
+
+    monkeypatch.setattr(cp_warm_module, "cp_als", counted)
+    fit(x, rank)
+    assert calls == [11, 13]  # small: the anchor 11, then the warm fit
+    per_sweep = 4 * x.numel() * rank
+    for cap, fits in ((WARM_ABOVE_CAP + 1, [11, 13]), (WARM_ABOVE_CAP, [13])):
+        monkeypatch.setattr(cp_als_module, "_SWEEP_FLOPS", per_sweep * cap)
+        assert cp_als_module.default_max_iter(x.numel(), rank) == cap
+        calls.clear()
+        warm = fit(x, rank)
+        assert calls == fits
+    cold = fit(x, rank, warm=False)
+    assert all(torch.equal(a, b) for a, b in zip(warm, cold, strict=True))

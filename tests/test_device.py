@@ -18,7 +18,7 @@ from autodecomp.compress.surgery import decompose_conv, on_device
 from autodecomp.core.spec import ConvSpec
 from autodecomp.decompositions import get_method, methods
 from autodecomp.factorize.cache import FactorCache
-from autodecomp.search.proxies import Calibration, relative_error
+from autodecomp.search.proxies import Calibration, default_images_per_forward, relative_error
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -183,6 +183,15 @@ def test_images_per_forward_must_be_positive():
     model, _, _ = _resnet_and_plan()
     with pytest.raises(ValueError, match="images_per_forward must be >= 1, got 0"):
         Calibration(model, torch.randn(2, 3, 32, 32), "cpu", images_per_forward=0)
+
+
+def test_images_per_forward_defaults_by_device_type():
+    model, _, _ = _resnet_and_plan()
+    inputs = torch.randn(2, 3, 32, 32)
+    assert Calibration(model, inputs, "cpu").images_per_forward == 64  # one copy per forward
+    assert default_images_per_forward("cuda:1") == 512
+    assert default_images_per_forward(torch.device("mps")) == 512  # a type not listed
+    assert Calibration(model, inputs, "cpu", images_per_forward=8).images_per_forward == 8
 
 
 def test_network_errors_leave_the_model_unchanged():

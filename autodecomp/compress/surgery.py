@@ -258,7 +258,8 @@ def skeleton(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     the method's weight-free rank, :meth:`DecomposedConv.resolve_rank`), so nothing is
     factorised. Shift blocks are pruned as :func:`apply_plan` prunes them (to explicit
     group sizes, or by a ratio on the channels' saliency), and a layer decomposed then
-    pruned is fitted to its kernel: its pruned structure depends on the weights.
+    pruned by a ratio above 0 is fitted to its kernel: its pruned structure depends on the
+    weights (a ratio of 0 prunes nothing).
     """
     entries = plan_entries(model, plan)
     new = copy.deepcopy(model)
@@ -267,7 +268,7 @@ def skeleton(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         if not entry.decomposes:
             continue
         conv = new.get_submodule(name)
-        if entry.prune is not None:
+        if entry.prune:  # pruned by saliency: fit, then prune
             layer = _decomposed(name, conv, entry, None)
         else:
             try:

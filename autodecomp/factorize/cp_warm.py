@@ -20,6 +20,12 @@ or new ones grown from its residual, and ALS runs from there at search precision
 about a cold one; each further rank near the same anchor about half of one. The anchor
 depends on ``R`` alone, so a rank's factors never depend on what was fitted before, in which
 process, or what the factor cache held: replays and workers get the same factors.
+
+Large problems are fitted cold: where the default sweep cap of a cold fit
+(:func:`~autodecomp.factorize.cp_als.default_max_iter`) is at most :data:`WARM_ABOVE_CAP`
+sweeps, a warm fit (capped at :data:`WARM_SWEEPS`) saves no sweeps and its anchor costs a
+second fit (e.g. a 512x512x3x3 kernel above rank 132). The rule depends on the tensor's
+shape and ``R`` only, so it keeps the determinism above.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 
 from ..core.errors import DecompositionError
 from .cache import FactorCache
-from .cp_als import cp_als, cp_to_tensor
+from .cp_als import cp_als, cp_to_tensor, default_max_iter
 
 __all__ = [
     "ANCHOR_STEP",
@@ -41,6 +47,7 @@ __all__ = [
     "PRECISIONS",
     "SEARCH_RESCUE_BELOW",
     "SEARCH_TOL",
+    "WARM_ABOVE_CAP",
     "WARM_SWEEPS",
     "anchor_rank",
     "check_precision",
@@ -52,6 +59,7 @@ SEARCH_TOL = 1e-4  # relative error gain per sweep below which a search-precisio
 SEARCH_RESCUE_BELOW = 0.3  # search precision rescues only fits this close to exact
 ANCHOR_TOL = 1e-3  # the rough cold fit of an anchor rank stops at this relative gain
 WARM_SWEEPS = 20  # sweep cap of a fit warm-started from its anchor (docs/solvers.md)
+WARM_ABOVE_CAP = 2 * WARM_SWEEPS  # warm starts only where a cold fit may sweep more
 PRECISIONS: dict[str, dict[str, Any]] = {
     "search": {"tol": SEARCH_TOL, "rescue_below": SEARCH_RESCUE_BELOW, "restarts": 0},
     "full": {},  # cp_als's defaults
@@ -129,7 +137,8 @@ def fit_cp(
         cache: where every fit (anchors included) is stored.
         key: the cache key's prefix naming the tensor (e.g. method and weight hash).
         precision: ``"search"`` or ``"full"`` (see the module docstring).
-        warm: start a search-precision fit from its anchor rank's rough fit (else cold).
+        warm: start a search-precision fit from its anchor rank's rough fit (else cold; large
+            problems are fitted cold anyway, see the module docstring).
         options: more :func:`~autodecomp.factorize.cp_als.cp_als` options (``tol``,
             ``max_iter``, ...), overriding the precision's.
 
@@ -155,7 +164,8 @@ def fit_cp(
         return [factors[0] * weights, *factors[1:]]
 
     def search_fit(r: int) -> list[torch.Tensor]:
-        anchor = anchor_rank(r, max_rank) if warm else 0
+        cold = not warm or default_max_iter(x.numel(), r) <= WARM_ABOVE_CAP
+        anchor = 0 if cold else anchor_rank(r, max_rank)
         if anchor <= _COLD_UP_TO:
             return cache.get_or_compute(f"{key}/{r}/search/cold/{text}", lambda: solve(r, "cold"))
         try:

@@ -59,7 +59,10 @@ class PlanCost:
 
     The total is the baseline's fvcore count with each planned layer's dense count swapped
     for the count of its replacement, taken on that layer's input shape and cached by
-    (layer, method, rank): a layer's structure is a function of its spec and its final rank
+    (layer, method, rank). A decomposed layer's count is its method's MAC formula
+    (:meth:`DecomposedConv.macs`, equal to fvcore's trace of it: ``tests/test_conformance.py``
+    checks every method), which costs nothing; a pruned shift block is traced by fvcore.
+    A layer's structure is a function of its spec and its final rank
     (``DecomposedConv.__init__(spec, rank)``), and a pruned shift block's of its
     direction-group sizes (its "rank"), so the sum equals ``count_macs`` of the whole
     compressed model while tracing only layers not seen before.
@@ -80,7 +83,11 @@ class PlanCost:
             return self._dense[name]
         key = (name, method, json.dumps(rank, sort_keys=True))
         if key not in self._cache:
-            self._cache[key] = count_macs(module, self.shapes[name])
+            self._cache[key] = (
+                module.macs(*self.shapes[name][1:])
+                if isinstance(module, DecomposedConv)
+                else count_macs(module, self.shapes[name])
+            )
         return self._cache[key]
 
     def __call__(

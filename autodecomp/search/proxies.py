@@ -17,7 +17,9 @@ counting 0 (:func:`mean_error`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -27,10 +29,25 @@ from torch.utils.data import Dataset
 
 from ..decompositions import DecomposedConv
 
-__all__ = ["Calibration", "calibration_batch", "kernel_errors", "mean_error", "relative_error"]
+__all__ = [
+    "Calibration",
+    "calibration_batch",
+    "default_images_per_forward",
+    "kernel_errors",
+    "mean_error",
+    "relative_error",
+]
 
 
-IMAGES_PER_FORWARD = 512  # calibration images one batched forward of network_errors holds
+# calibration images one batched forward of network_errors holds, by device type: a GPU
+# gains from large batches; on the CPU one layer's copy per forward was fastest (ResNet-20,
+# 64-image batch: 5 units in 3.3 s at 64 images a forward, 4.5-5.1 s at 512, 6.7 s at 1152)
+IMAGES_PER_FORWARD = {"cpu": 64, "cuda": 512}
+
+
+def default_images_per_forward(device: str | torch.device) -> int:
+    """:data:`IMAGES_PER_FORWARD` of ``device``'s type (512 for a type it does not list)."""
+    return IMAGES_PER_FORWARD.get(torch.device(device).type, 512)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -78,6 +95,11 @@ def mean_error(errors: Mapping[str, float], names: Iterable[str]) -> float:
     return sum(errors.get(n, 0.0) for n in names) / max(1, len(names))
 
 
+def _channels_last(images: torch.Tensor) -> torch.Tensor:
+    """A batch of images in the channels-last layout (other tensors as they are)."""
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
 class Calibration:
     """The baseline's behaviour on a fixed calibration batch, to score compressed models.
 
@@ -90,7 +112,11 @@ class Calibration:
         inputs: the calibration batch (:func:`calibration_batch`).
         device: where to run.
         images_per_forward: how many images one forward of :meth:`network_errors` may hold:
-            the calibration batch once per layer scored in it (at least one layer).
+            the calibration batch once per layer scored in it (at least one layer); by
+            default :data:`IMAGES_PER_FORWARD` of the device's type (512 on other devices).
+
+    :meth:`network_errors` forwards a channels-last copy of the teacher (made on first use),
+    its reference logits from that copy too: about 1.4x faster on ResNet-20 on the CPU.
     """
 
     def __init__(
@@ -98,8 +124,10 @@ class Calibration:
         teacher: nn.Module,
         inputs: torch.Tensor,
         device: str,
-        images_per_forward: int = IMAGES_PER_FORWARD,
+        images_per_forward: int | None = None,
     ) -> None:
+        if images_per_forward is None:
+            images_per_forward = default_images_per_forward(device)
         if images_per_forward < 1:
             raise ValueError(f"images_per_forward must be >= 1, got {images_per_forward!r}")
         self.teacher = teacher
@@ -162,8 +190,15 @@ class Calibration:
             errors |= self._one_replaced_each(layers[start : start + per_forward])
         return _to_host(errors)
 
+    @cached_property
+    def _channels_last(self) -> tuple[nn.Module, torch.Tensor]:
+        """The teacher copied into the channels-last layout, and its logits."""
+        model = copy.deepcopy(self.teacher).to(memory_format=torch.channels_last)
+        return model, self._forward(model, _channels_last(self.inputs))
+
     def _one_replaced_each(self, layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
         n = len(self.inputs)
+        teacher, teacher_logits = self._channels_last
 
         def swap(index: int, replacement: nn.Module):
             def replace(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor):
@@ -174,16 +209,16 @@ class Calibration:
             return replace
 
         handles = [
-            self.teacher.get_submodule(name).register_forward_hook(swap(i, replacement))
+            teacher.get_submodule(name).register_forward_hook(swap(i, replacement))
             for i, (name, replacement) in enumerate(layers)
         ]
         try:
             inputs = self.inputs.repeat(len(layers), *[1] * (self.inputs.dim() - 1))
-            logits = self._forward(self.teacher, inputs).reshape(len(layers), n, -1)
+            logits = self._forward(teacher, _channels_last(inputs)).reshape(len(layers), n, -1)
         finally:
             for handle in handles:
                 handle.remove()
-        reference = self.logits.reshape(1, n, -1).double()
+        reference = teacher_logits.reshape(1, n, -1).double()
         diff = (logits.double() - reference).flatten(1).norm(dim=1)
         scores = diff / reference.norm().clamp_min(1e-30)
         return {name: scores[i] for i, (name, _) in enumerate(layers)}
