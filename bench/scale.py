@@ -17,6 +17,8 @@ tracks: 2}``, through the public CLI only:
     python bench/scale.py                                   # resnet20, 1 and 2 processes
     python bench/scale.py --models resnet20,resnet18 --markdown
     python bench/scale.py --models resnet50 --processes 1 --no-overhead
+    python bench/scale.py --models resnet18 --processes 0 --trials 6   # the overhead alone
+    python bench/scale.py --threads 1       # one core per worker, as on a cluster node each
 
 The baseline is trained once per model (``--epochs``, cached under ``--workdir``). Targets
 on 2 CPU cores (issue [J]): ResNet-20 ladder <= 2x the reference; ResNet-18 ladder <= 240 s
@@ -312,22 +314,27 @@ def trial_overhead(study: Path, folder: Path, trials: int) -> Overhead:
 
 
 def _row(
-    model: str, ref: Seconds, ladder: Ladder, one: Ladder | None, over: Overhead | None
+    model: str, ref: Seconds, ladder: Ladder | None, one: Ladder | None, over: Overhead | None
 ) -> list[str]:
-    """One table row: a ladder against the reference (and the 1-process ladder), and the
-    trial overhead when given."""
-    t, record = ladder.seconds, ladder.stored.get("seconds")
+    """One table row: a ladder (if any) against the reference (and the 1-process ladder),
+    and the trial overhead when given."""
     row = [
         model,
-        str(ladder.processes),
+        "-" if ladder is None else str(ladder.processes),
         f"{ref.wall:.1f} / {ref.cpu:.0f}",
-        f"{t.wall:.1f} / {t.cpu:.0f}",
-        f"{t.wall / ref.wall:.2f} / {t.cpu / ref.cpu:.2f}",
-        f"{one.seconds.wall / t.wall:.2f}x" if one else "-",
-        "-" if record is None else f"{record:.1f}",
-        f"{ladder.create_s:.1f}",
-        f"{ladder.peak_mb:.0f}",
     ]
+    if ladder is None:
+        row += ["-"] * 6
+    else:
+        t, record = ladder.seconds, ladder.stored.get("seconds")
+        row += [
+            f"{t.wall:.1f} / {t.cpu:.0f}",
+            f"{t.wall / ref.wall:.2f} / {t.cpu / ref.cpu:.2f}",
+            f"{one.seconds.wall / t.wall:.2f}x" if one else "-",
+            "-" if record is None else f"{record:.1f}",
+            f"{ladder.create_s:.1f}",
+            f"{ladder.peak_mb:.0f}",
+        ]
     if over is None:
         return [*row, "-", "-", "-", "-", "-"]
     share = over.overhead_s / max(over.trial_s, 1e-9)
@@ -353,7 +360,9 @@ def _table(rows: list[list[str]], header: list[str], markdown: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20", help="comma-separated model names")
-    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument(
+        "--processes", default="1,2", help="comma-separated process counts (0: no ladder)"
+    )
     parser.add_argument("--trials", type=int, default=2, help="sampled trials for the overhead")
     parser.add_argument("--steps", type=int, default=100, help="proxy steps (and reference)")
     parser.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
@@ -369,7 +378,7 @@ def main() -> None:
     args = parser.parse_args()
     SOURCE[0] = args.source.resolve()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the workers on the way out
-    counts = [int(p) for p in args.processes.split(",")]
+    counts = [int(p) for p in args.processes.split(",") if int(p) > 0]
 
     rows = []
     for model in args.models.split(","):
@@ -382,7 +391,7 @@ def main() -> None:
         rows += [
             _row(model, ref, ladder, ladders.get(1), over if i == 0 else None)
             for i, ladder in enumerate(ladders.values())
-        ]
+        ] or [_row(model, ref, None, None, over)]  # --processes 0: the overhead alone
         if over is not None:
             phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(over.phases.items()))
             print(f"{model} mean trained-trial phases (s): {phases}", file=sys.stderr)
