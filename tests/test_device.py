@@ -188,7 +188,7 @@ def test_images_per_forward_must_be_positive():
 def test_images_per_forward_defaults_by_device_type():
     model, _, _ = _resnet_and_plan()
     inputs = torch.randn(2, 3, 32, 32)
-    assert Calibration(model, inputs, "cpu").images_per_forward == 64  # one copy per forward
+    assert Calibration(model, inputs, "cpu").images_per_forward == 256
     assert default_images_per_forward("cuda:1") == 512
     assert default_images_per_forward(torch.device("mps")) == 512  # a type not listed
     assert Calibration(model, inputs, "cpu", images_per_forward=8).images_per_forward == 8

@@ -40,9 +40,9 @@ __all__ = [
 
 
 # calibration images one batched forward of network_errors holds, by device type: a GPU
-# gains from large batches; on the CPU one layer's copy per forward was fastest (ResNet-20,
-# 64-image batch: 5 units in 3.3 s at 64 images a forward, 4.5-5.1 s at 512, 6.7 s at 1152)
-IMAGES_PER_FORWARD = {"cpu": 64, "cuda": 512}
+# gains from large batches; on the CPU 256 is within 4 % of the best of 64-1152 on both
+# ResNet-20 (best at 64) and ResNet-18 (best at 512) at 32x32 (bench/calibration_batching.py)
+IMAGES_PER_FORWARD = {"cpu": 256, "cuda": 512}
 
 
 def default_images_per_forward(device: str | torch.device) -> int:
@@ -116,7 +116,7 @@ class Calibration:
             default :data:`IMAGES_PER_FORWARD` of the device's type (512 on other devices).
 
     :meth:`network_errors` forwards a channels-last copy of the teacher (made on first use),
-    its reference logits from that copy too: about 1.4x faster on ResNet-20 on the CPU.
+    its reference logits from that copy too (faster on the CPU: docs/scale.md).
     """
 
     def __init__(
