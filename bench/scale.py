@@ -270,7 +270,9 @@ _WORK = ("distill", "pre_eval", "eval")
 
 
 def trial_overhead(study: Path, folder: Path, trials: int) -> Overhead:
-    """Run ``trials`` sampled trials (no ladder) and split their recorded phase times."""
+    """Run ``trials`` sampled trials (no ladder, a cold factor cache) and split their
+    recorded phase times."""
+    shutil.rmtree(folder / "cache" / "factors", ignore_errors=True)
     name = f"overhead-{time.time_ns()}"
     url = f"sqlite:///{folder / (name + '.db')}"
     proc = _start(

@@ -159,13 +159,11 @@ class CPConv(DecomposedConv):
         return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return torch.einsum(
-            "fr,rc,ri,rj->fcij",
-            self.last.weight[:, :, 0, 0],
-            self.first.weight[:, :, 0, 0],
-            self.vertical.weight[:, 0, :, 0],
-            self.horizontal.weight[:, 0, 0, :],
-        )
+        # one GEMM over the rank (a chained einsum would keep it in an F x R x C intermediate)
+        spatial = self.vertical.weight[:, 0, :, 0, None] * self.horizontal.weight[:, 0, 0, None, :]
+        right = self.first.weight[:, :, 0, 0, None, None] * spatial[:, None]  # (R, C, kh, kw)
+        last = self.last.weight[:, :, 0, 0]
+        return (last @ right.flatten(1)).reshape(last.shape[0], *right.shape[1:])
 
     def to_tensorly(self) -> CPTensor:
         factors = [

@@ -91,12 +91,10 @@ class PDPConv(DecomposedConv):
         return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return torch.einsum(
-            "fr,rc,rij->fcij",
-            self.last.weight[:, :, 0, 0],
-            self.first.weight[:, :, 0, 0],
-            self.depthwise.weight[:, 0],
-        )
+        # one GEMM over the rank (a chained einsum would keep it in an F x R x C intermediate)
+        right = self.first.weight[:, :, 0, 0, None, None] * self.depthwise.weight[:, 0, None]
+        last = self.last.weight[:, :, 0, 0]
+        return (last @ right.flatten(1)).reshape(last.shape[0], *right.shape[1:])
 
     def to_tensorly(self) -> CPTensor:
         return cp_tensor(

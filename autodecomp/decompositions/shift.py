@@ -198,9 +198,9 @@ class SliceShiftConv(DecomposedConv):
     def dense_weight(self) -> torch.Tensor:
         kh, kw = self.spec.kernel_size
         onehot = F.one_hot(self._slice_of(), kh * kw).to(self.first.weight.dtype)
-        dense = torch.einsum(
-            "fr,rc,rp->fcp", self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0], onehot
-        )
+        right = self.first.weight[:, :, 0, 0, None] * onehot[:, None]  # (R, C, kh*kw)
+        last = self.last.weight[:, :, 0, 0]  # one GEMM over R, not a chained einsum
+        dense = last @ right.reshape(last.shape[1], -1)
         return dense.reshape(self.spec.out_channels, self.spec.in_channels, kh, kw)
 
     def to_tensorly(self) -> CPTensor:
