@@ -124,24 +124,25 @@ def _check(proc: Proc, what: str) -> None:
         raise SystemExit(f"{what} failed (exit {proc.code}), {proc.log}:\n" + "\n".join(tail))
 
 
+def _create(study: Path, url: str, log: Path, *settings: str) -> Proc:
+    """``autodecomp create`` of ``study`` in ``url`` with ``--set`` ``settings``, run to the end."""
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    proc = _start(_cli("create", str(study), "--storage", url, *sets), log)
+    proc.reap()
+    _check(proc, "create")
+    return proc
+
+
 def train_baseline(study: Path, folder: Path) -> None:
     """Train (or find) the cached baseline with a throwaway study that has no ladder."""
     url = f"sqlite:///{folder / 'baseline.db'}"
-    proc = _start(
-        _cli(
-            "create",
-            str(study),
-            "--storage",
-            url,
-            "--set",
-            f"name=baseline-{time.time_ns()}",
-            "--set",
-            "initial_design.plans=0",
-        ),
+    _create(
+        study,
+        url,
         folder / "baseline.log",
+        f"name=baseline-{time.time_ns()}",
+        "initial_design.plans=0",
     )
-    proc.reap()
-    _check(proc, "baseline")
 
 
 @dataclass
@@ -213,21 +214,7 @@ def build_ladder(study: Path, folder: Path, processes: int, threads: int, timeou
     url = f"journal:///{folder / (name + '.log')}"
     each = max(1, threads // processes)
     start = time.time()
-    create = _start(
-        _cli(
-            "create",
-            str(study),
-            "--storage",
-            url,
-            "--set",
-            f"name={name}",
-            "--set",
-            f"threads={each}",
-        ),
-        folder / f"{name}-create.log",
-    )
-    create.reap()
-    _check(create, "create")
+    create = _create(study, url, folder / f"{name}-create.log", f"name={name}", f"threads={each}")
     create_s = time.time() - start
     workers = [
         _start(

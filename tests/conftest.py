@@ -3,6 +3,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 
+import optuna
 import pytest
 import torch
 from pgserver import PostgresServer, find_bindir
@@ -15,6 +16,15 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs errors only during the test (``pytestmark = usefixtures("quiet_optuna")``)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    yield
+    optuna.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture

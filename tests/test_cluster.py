@@ -51,15 +51,9 @@ STUDY = {
     "trials": 4,
     "threads": 1,
 }
-QUIET = optuna.logging.ERROR
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(QUIET)
-    yield
-    optuna.logging.set_verbosity(verbosity)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 @pytest.fixture(scope="module")

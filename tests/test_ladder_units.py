@@ -56,12 +56,7 @@ STUDY = {
 UNITS = 2 * 3 + 2  # (tucker, cp) x 3 grid ratios + one uniform unit per method
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    yield
-    optuna.logging.set_verbosity(verbosity)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 @pytest.fixture(scope="module")

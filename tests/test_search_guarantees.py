@@ -40,12 +40,7 @@ STUDY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    yield
-    optuna.logging.set_verbosity(verbosity)
+pytestmark = pytest.mark.usefixtures("quiet_optuna")
 
 
 @pytest.fixture(scope="module")
