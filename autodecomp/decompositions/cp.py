@@ -15,7 +15,7 @@ from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.cp_warm import PRECISIONS, check_precision, fit_cp
 from .base import DecomposedConv, register, round_down_width
-from .layers import SpatialConv, pointwise, pointwise_conv
+from .layers import SpatialConv, pointwise, pointwise_conv, rank_sum_kernel
 
 _SOLVER_OPTIONS = ("max_iter", "tol", "init", "seed", "max_spread", "solver", "precision", "warm")
 
@@ -159,11 +159,8 @@ class CPConv(DecomposedConv):
         return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        # one GEMM over the rank (a chained einsum would keep it in an F x R x C intermediate)
         spatial = self.vertical.weight[:, 0, :, 0, None] * self.horizontal.weight[:, 0, 0, None, :]
-        right = self.first.weight[:, :, 0, 0, None, None] * spatial[:, None]  # (R, C, kh, kw)
-        last = self.last.weight[:, :, 0, 0]
-        return (last @ right.flatten(1)).reshape(last.shape[0], *right.shape[1:])
+        return rank_sum_kernel(self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0], spatial)
 
     def to_tensorly(self) -> CPTensor:
         factors = [

@@ -51,6 +51,15 @@ def pointwise_conv(
     return y.unflatten(2, (h, w))
 
 
+def rank_sum_kernel(last: torch.Tensor, first: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+    """``sum_r last[:, r] (x) first[r, :] (x) spatial[r, ...]``: the dense kernel
+    ``(F, C, *spatial dims)`` of a pointwise ``C -> R``, a per-rank spatial part and a pointwise
+    ``R -> F`` (CP, PDP, shift), as one GEMM over the rank (a chained ``torch.einsum``
+    contracts left to right here, through an ``F x R x C`` intermediate)."""
+    right = first.reshape(*first.shape, *[1] * (spatial.dim() - 1)) * spatial[:, None]
+    return (last @ right.flatten(1)).reshape(last.shape[0], *right.shape[1:])
+
+
 def pointwise(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2d:
     """A 1x1 convolution (the decomposed layers run it with :func:`pointwise_conv`)."""
     return nn.Conv2d(in_channels, out_channels, 1, bias=bias)

@@ -13,7 +13,7 @@ from ..factorize.cache import FactorCache, default_cache
 from ..factorize.cp_warm import PRECISIONS
 from .base import DecomposedConv, register, round_down_width
 from .cp import cached_cp, check_cp_rank, cp_tensor, max_cp_rank
-from .layers import SpatialConv, pointwise, pointwise_conv
+from .layers import SpatialConv, pointwise, pointwise_conv, rank_sum_kernel
 
 
 def _kernel_shape(spec: ConvSpec) -> tuple[int, int, int]:
@@ -91,10 +91,9 @@ class PDPConv(DecomposedConv):
         return pointwise_conv(y, self.last.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        # one GEMM over the rank (a chained einsum would keep it in an F x R x C intermediate)
-        right = self.first.weight[:, :, 0, 0, None, None] * self.depthwise.weight[:, 0, None]
-        last = self.last.weight[:, :, 0, 0]
-        return (last @ right.flatten(1)).reshape(last.shape[0], *right.shape[1:])
+        return rank_sum_kernel(
+            self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0], self.depthwise.weight[:, 0]
+        )
 
     def to_tensorly(self) -> CPTensor:
         return cp_tensor(

@@ -39,7 +39,7 @@ from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
 from .base import DecomposedConv, register
-from .layers import pointwise, pointwise_conv
+from .layers import pointwise, pointwise_conv, rank_sum_kernel
 
 Ranks = tuple[int, ...]
 
@@ -198,9 +198,7 @@ class SliceShiftConv(DecomposedConv):
     def dense_weight(self) -> torch.Tensor:
         kh, kw = self.spec.kernel_size
         onehot = F.one_hot(self._slice_of(), kh * kw).to(self.first.weight.dtype)
-        right = self.first.weight[:, :, 0, 0, None] * onehot[:, None]  # (R, C, kh*kw)
-        last = self.last.weight[:, :, 0, 0]  # one GEMM over R, not a chained einsum
-        dense = last @ right.reshape(last.shape[1], -1)
+        dense = rank_sum_kernel(self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0], onehot)
         return dense.reshape(self.spec.out_channels, self.spec.in_channels, kh, kw)
 
     def to_tensorly(self) -> CPTensor:

@@ -191,14 +191,14 @@ class Calibration:
         return _to_host(errors)
 
     @cached_property
-    def _channels_last(self) -> tuple[nn.Module, torch.Tensor]:
+    def _nhwc_teacher(self) -> tuple[nn.Module, torch.Tensor]:
         """The teacher copied into the channels-last layout, and its logits."""
         model = copy.deepcopy(self.teacher).to(memory_format=torch.channels_last)
         return model, self._forward(model, _channels_last(self.inputs))
 
     def _one_replaced_each(self, layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
         n = len(self.inputs)
-        teacher, teacher_logits = self._channels_last
+        teacher, teacher_logits = self._nhwc_teacher
 
         def swap(index: int, replacement: nn.Module):
             def replace(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor):
