@@ -12,7 +12,8 @@ tracks: 2}``, through the public CLI only:
   workers), the workers stopped then; peak RSS per process (``os.wait4``);
 - overhead: ``autodecomp search`` of a study without a ladder (sampled plans, so every
   trial fits new factors) at ``--steps`` proxy steps; overhead = trial time minus the
-  fine-tune steps and evaluations, as a share of a trained trial (``seconds`` user attrs).
+  proxy fine-tune (BN recalibration, distillation) and the evaluations, as a share of a
+  trained trial (``seconds`` user attrs).
 
     python bench/scale.py                                   # resnet20, 1 and 2 processes
     python bench/scale.py --models resnet20,resnet18 --markdown
@@ -248,12 +249,15 @@ class Overhead:
     trained: int
     untrained: int
     trial_s: float  # mean wall time of a trained trial
-    overhead_s: float  # its mean time outside fine-tune steps and evaluations
+    overhead_s: float  # its mean time outside the fine-tune and the evaluations
     peak_mb: float
     phases: dict[str, float]
+    untrained_s: float  # mean wall time of a trial not trained (over budget, gated)
 
 
-_WORK = ("distill", "pre_eval", "eval")
+# The proxy fine-tune's phases (workload/proxy.py PHASES: BN recalibration, evaluation before,
+# distillation, evaluation after) and the accuracy-floor evaluation: the rest is overhead.
+_WORK = ("bn_recal", "pre_eval", "distill", "eval", "floor_eval")
 
 
 def trial_overhead(study: Path, folder: Path, trials: int) -> Overhead:
@@ -279,12 +283,13 @@ def trial_overhead(study: Path, folder: Path, trials: int) -> Overhead:
     )
     proc.reap()
     _check(proc, "search")
-    trained, untrained, total, work = 0, 0, 0.0, 0.0
+    trained, untrained, total, work, idle = 0, 0, 0.0, 0.0, 0.0
     phases: dict[str, float] = {}
     for trial in _load(url, name).trials:
         seconds = trial.user_attrs.get("seconds", {})
         if "distill" not in seconds:
             untrained += 1
+            idle += seconds.get("total", 0.0)
             continue
         trained += 1
         total += seconds["total"]
@@ -299,6 +304,7 @@ def trial_overhead(study: Path, folder: Path, trials: int) -> Overhead:
         (total - work) / n,
         proc.peak_mb,
         {k: v / n for k, v in phases.items()},
+        idle / max(untrained, 1),
     )
 
 
@@ -384,6 +390,10 @@ def main() -> None:
         if over is not None:
             phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(over.phases.items()))
             print(f"{model} mean trained-trial phases (s): {phases}", file=sys.stderr)
+            print(
+                f"{model} {over.untrained} untrained trials, {over.untrained_s:.2f} s each",
+                file=sys.stderr,
+            )
     header = [
         "model",
         "procs",

@@ -13,9 +13,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import autodecomp as ad
+from autodecomp.compress.surgery import apply_plan
 from autodecomp.config import load_config
+from autodecomp.measure.cost import count_macs
 from autodecomp.results.proxy_stats import kendall_frame, proxy_frame, pruning_frame
 from autodecomp.results.report import write_report
+from autodecomp.search import objective as objective_module
 from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
 from autodecomp.search.proxies import (
@@ -279,3 +282,23 @@ def test_calibration_off_records_only_kernel_errors(tiny):
     attrs = study.trials[0].user_attrs
     assert "kernel_error" in attrs and "output_error" not in attrs
     assert all("output_error" not in rec for rec in attrs["layers"].values())
+
+
+def test_an_over_budget_candidate_is_counted_but_never_fitted(tiny, monkeypatch):
+    fitted = []
+    monkeypatch.setattr(
+        objective_module, "apply_plan", lambda *a, **k: fitted.append(1) or apply_plan(*a, **k)
+    )
+    study = _optimize(tiny, ["budgets.max_macs=0.01"], trials=2)
+    assert not fitted
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        assert trial.state == TrialState.COMPLETE and trial.values[0] == 0.0
+        assert attrs["over_budget"] and attrs["macs_ratio"] > 0.01
+        assert set(attrs["seconds"]) == {"plan", "count", "record", "total"}
+        assert all(rec["rel_error"] is None for rec in attrs["layers"].values())
+        assert "kernel_error" not in attrs
+    in_budget = _optimize(tiny, [], trials=1).trials[0].user_attrs
+    assert in_budget["macs"] == pytest.approx(
+        count_macs(apply_plan(tiny[2].model, in_budget["plan"]), tiny[2].input_shape)
+    )

@@ -38,6 +38,7 @@ from ..core.shift import Shift
 from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
+from ..factorize.svd import gram_svd
 from .base import DecomposedConv, register
 from .layers import pointwise, pointwise_conv, rank_sum_kernel
 
@@ -52,7 +53,7 @@ def _slice_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """SVD of every spatial slice: U (A, F, m), S (A, m) descending, Vh (A, m, C)."""
     f, c, kh, kw = weight.shape
     slices = weight.permute(2, 3, 0, 1).reshape(kh * kw, f, c)
-    return torch.linalg.svd(slices, full_matrices=False)
+    return gram_svd(slices)
 
 
 def _tensorly_slice_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

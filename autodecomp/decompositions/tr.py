@@ -21,7 +21,8 @@ from ..core.errors import DecompositionError
 from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
-from ..factorize.tensor_train import left_singular_vectors, ring_decompose
+from ..factorize.svd import left_singular_vectors
+from ..factorize.tensor_train import ring_decompose
 from .base import DecomposedConv, register
 from .layers import SpatialConv, pointwise, pointwise_conv
 

@@ -12,6 +12,7 @@ from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import FactorCache, default_cache, weight_key
 from ..factorize.output_fit import unwhiten_rows, whiten_input
+from ..factorize.svd import left_singular_vectors
 from .base import DecomposedConv, register, round_down_width
 from .layers import SpatialConv, pointwise, pointwise_conv
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 def _hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output / input singular bases and the fully rotated core (all nested in the ranks)."""
     f, c = weight.shape[:2]
-    u_out = torch.linalg.svd(weight.reshape(f, -1), full_matrices=False)[0]
-    u_in = torch.linalg.svd(weight.transpose(0, 1).reshape(c, -1), full_matrices=False)[0]
+    u_out = left_singular_vectors(weight.reshape(f, -1))
+    u_in = left_singular_vectors(weight.transpose(0, 1).reshape(c, -1))
     core = torch.einsum("fcij,fr,cs->rsij", weight, u_out, u_in)
     return u_out, u_in, core
 
@@ -35,9 +36,9 @@ def _hooi(weight: torch.Tensor, r_in: int, r_out: int, iters: int) -> tuple[torc
     u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
     for _ in range(iters):
         proj = torch.einsum("fcij,cs->fsij", weight, u_in).reshape(f, -1)
-        u_out = torch.linalg.svd(proj, full_matrices=False)[0][:, :r_out]
+        u_out = left_singular_vectors(proj)[:, :r_out]
         proj = torch.einsum("fcij,fr->crij", weight, u_out).reshape(c, -1)
-        u_in = torch.linalg.svd(proj, full_matrices=False)[0][:, :r_in]
+        u_in = left_singular_vectors(proj)[:, :r_in]
     core = torch.einsum("fcij,fr,cs->rsij", weight, u_out, u_in)
     return u_out, u_in, core
 
@@ -171,10 +172,10 @@ class Tucker2Conv(DecomposedConv):
         w64 = weight.detach().to(patch)
 
         def bases() -> tuple[torch.Tensor, torch.Tensor]:
-            u_out = torch.linalg.svd(w64.reshape(f, -1) @ patch, full_matrices=False)[0]
+            u_out = left_singular_vectors(w64.reshape(f, -1) @ patch)
             channel = stats.channel_factor(damping)
             whitened = whiten_input(w64, channel).transpose(0, 1).reshape(c, -1)
-            v_in = torch.linalg.svd(whitened, full_matrices=False)[0]
+            v_in = left_singular_vectors(whitened)
             return u_out, unwhiten_rows(v_in.T, channel)
 
         key = f"tucker/data/{weight_key(weight)}/{stats.key}/{damping!r}"

@@ -58,8 +58,8 @@ __all__ = [
 SEARCH_TOL = 1e-4  # relative error gain per sweep below which a search-precision fit stops
 SEARCH_RESCUE_BELOW = 0.3  # search precision rescues only fits this close to exact
 ANCHOR_TOL = 1e-3  # the rough cold fit of an anchor rank stops at this relative gain
-WARM_SWEEPS = 20  # sweep cap of a fit warm-started from its anchor (docs/solvers.md)
-WARM_ABOVE_CAP = 2 * WARM_SWEEPS  # warm starts only where a cold fit may sweep more
+WARM_SWEEPS = 30  # sweep cap of a fit warm-started from its anchor (docs/solvers.md)
+WARM_ABOVE_CAP = 40  # warm starts only where a cold fit may sweep more than this
 PRECISIONS: dict[str, dict[str, Any]] = {
     "search": {"tol": SEARCH_TOL, "rescue_below": SEARCH_RESCUE_BELOW, "restarts": 0},
     "full": {},  # cp_als's defaults

@@ -19,6 +19,7 @@ from itertools import product
 import torch
 
 from .cache import FactorCache
+from .svd import gram_svd
 
 __all__ = [
     "Shape",
@@ -253,24 +254,6 @@ def _level_matrix(
     return rearrange(rest, structure[level])
 
 
-def _gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Economy SVD through the eigenvectors of the smaller Gram matrix.
-
-    About twice as fast as ``torch.linalg.svd`` on the square matrices that balanced
-    factor shapes give; the truncated reconstruction ``U_R U_R^T M`` stays an orthogonal
-    projection, so its error is optimal up to rounding.
-    """
-    wide = matrix.shape[0] <= matrix.shape[1]
-    m = matrix if wide else matrix.T
-    left = torch.linalg.eigh(m @ m.T)[1]
-    proj = m.T @ left
-    s = proj.norm(dim=0)
-    order = s.argsort(descending=True)
-    left, proj, s = left[:, order], proj[:, order], s[order]
-    right = proj / s.clamp_min(torch.finfo(s.dtype).tiny)
-    return (left, s, right.T) if wide else (right, s, left.T)
-
-
 def kron_svd(
     weight: torch.Tensor, wkey: str, structure: Structure, ranks: Sequence[int], cache: FactorCache
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,7 +265,7 @@ def kron_svd(
     """
     key = _key("svd", wkey, structure[: len(ranks) + 1], tuple(ranks))
     return cache.get_or_compute(
-        key, lambda: _gram_svd(_level_matrix(weight, wkey, structure, ranks, cache))
+        key, lambda: gram_svd(_level_matrix(weight, wkey, structure, ranks, cache))
     )
 
 

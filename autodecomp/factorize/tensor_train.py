@@ -23,10 +23,10 @@ from functools import partial
 import torch
 
 from .cache import FactorCache
+from .svd import left_singular_vectors
 
 __all__ = [
     "left_factor",
-    "left_singular_vectors",
     "ring_als",
     "ring_decompose",
     "ring_tensor",
@@ -35,18 +35,6 @@ __all__ = [
 
 
 # ---- tensor train ---------------------------------------------------------------------------
-def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of ``A`` by decreasing singular value, in float64.
-
-    A wide matrix goes through the eigendecomposition of ``A A^T`` (several times cheaper
-    than an SVD), a tall one through a thin SVD.
-    """
-    a = matrix.to(torch.float64)
-    if a.shape[0] <= a.shape[1]:
-        return torch.linalg.eigh(a @ a.T).eigenvectors.flip(1)
-    return torch.linalg.svd(a, full_matrices=False)[0]
-
-
 def left_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, U^T A)``: the left singular vectors and the coordinates of ``A`` in them.
 

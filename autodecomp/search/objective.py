@@ -1,13 +1,15 @@
 """One trial: plan -> compressed model -> cost and budget constraints -> proxy accuracy.
 
-Per trial: draw a plan (:mod:`autodecomp.search.space`), apply it to the baseline, count MACs
-(fvcore, layer by layer with a cache: :class:`PlanCost`) and parameters, measure latency
-when the study uses it (:mod:`autodecomp.measure.latency`), and set one constraint per budget
-(``value / limit - 1``, <= 0 is feasible) before anything else can end the trial. A
-candidate over budget is not trained: it returns accuracy 0.0 with ``over_budget=True``
-(the constraints already exclude it from the Pareto front, and a zero keeps the samplers
-away from it). Otherwise the fidelities rise step by step, and a hopeless candidate is
-dropped with :class:`optuna.TrialPruned` as early as possible:
+Per trial: draw a plan (:mod:`autodecomp.search.space`), count its MACs and parameters
+from its structure (:class:`PlanCost` on :func:`~autodecomp.compress.surgery.skeleton`:
+nothing is fitted), apply it to the baseline, measure latency when the study uses it
+(:mod:`autodecomp.measure.latency`), and set one constraint per budget (``value / limit -
+1``, <= 0 is feasible) before anything else can end the trial. A candidate over budget is
+not trained, and its factors are not even fitted unless latency is measured: it returns
+accuracy 0.0 with ``over_budget=True`` (the constraints already exclude it from the Pareto
+front, and a zero keeps the samplers away from it) and ``rel_error`` None per layer.
+Otherwise the fidelities rise step by step, and a hopeless candidate is dropped with
+:class:`optuna.TrialPruned` as early as possible:
 
 1. zero-training scores on the calibration batch (:mod:`autodecomp.search.proxies`); pruned
    (``pruned_at="output_error"``) when the whole-network output error exceeds
@@ -46,7 +48,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from ..compress.calibration import collect_input_stats
-from ..compress.surgery import apply_plan
+from ..compress.surgery import apply_plan, skeleton
 from ..config import StudyConfig
 from ..config.samplers import make_pruner, rung_steps
 from ..core.optuna_compat import set_constraints
@@ -174,20 +176,25 @@ class Objective:
         with clock("plan"):
             plan = suggest_plan(trial, self.space)
         trial.set_user_attr("plan", plan)
-        with clock("decompose"):
-            model = apply_plan(base.model, plan, calibration=self.input_stats)
-        with clock("count"):
-            macs, params, layers = self.cost(model, plan)
+        with clock("count"):  # from the plan's structure alone: nothing is fitted yet
+            macs, params, layers = self.cost(skeleton(base.model, plan), plan)
         cost: dict[str, float] = {"macs": macs, "params": params}
-        latency = None
+        model, latency, scores = None, None, {}
+        if self.latency is not None or not self._over(cost):  # latency needs the factors
+            with clock("decompose"):
+                model = apply_plan(base.model, plan, calibration=self.input_stats)
         if self.latency is not None:
             with clock("latency"):
                 latency = self._measure_latency(trial, model, layers)
             cost["latency"] = self.latency.value(latency)
         set_constraints(trial, {key: cost[key] / limit - 1.0 for key, limit in self.limits.items()})
-        over = any(cost[key] > limit for key, limit in self.limits.items())
-        with clock("proxy"):
-            scores = self._scores(model, layers, trained=not over)
+        over = self._over(cost)
+        if model is None:
+            for record in layers.values():
+                record["rel_error"] = None  # not fitted
+        else:  # an over-budget candidate's factors are fitted for latency only
+            with clock("proxy"):
+                scores = self._scores(model, layers, trained=not over)
         with clock("record"):
             trial.set_user_attr("macs", macs)
             trial.set_user_attr("params", params)
@@ -207,6 +214,10 @@ class Objective:
                 trial, "output_error", f"output error {scores['output_error']:.3f} > {limit}"
             )
         return self._values(self._finetune(trial, model, clock), cost)
+
+    def _over(self, cost: dict[str, float]) -> bool:
+        """Whether a measured cost exceeds its budget (costs not measured yet do not)."""
+        return any(cost[key] > limit for key, limit in self.limits.items() if key in cost)
 
     def _scores(
         self, model: nn.Module, layers: dict[str, dict[str, Any]], *, trained: bool
