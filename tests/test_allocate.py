@@ -31,6 +31,7 @@ from autodecomp.search.allocate import (
     dense_option,
     error_front,
     layer_options,
+    minimax_plans,
 )
 from autodecomp.search.baseline import load_baseline
 from autodecomp.search.objective import CATCH, Objective
@@ -89,6 +90,24 @@ def test_error_front_thinning_keeps_both_ends():
     thin = error_front(layers, keep_at_most=5)
     assert len(full) > 5 and len(thin) == 5
     assert thin[0][:2] == full[0][:2] and thin[-1][:2] == full[-1][:2]
+
+
+def test_minimax_plans_give_the_least_worst_error_at_their_macs():
+    rng = random.Random(2)
+    layers = [_options(rng, n) for n in (4, 6, 5)]
+    plans = minimax_plans({f"l{i}": opts for i, opts in enumerate(layers)})
+    combos = list(itertools.product(*layers))
+    assert [m for m, _, _ in plans] == sorted({m for m, _, _ in plans})  # distinct, cheapest first
+    for macs, worst, picks in plans:
+        chosen = [layers[i][p] for i, p in enumerate(picks)]
+        assert sum(o.macs for o in chosen) == macs and max(o.error for o in chosen) == worst
+        # no plan of at most these MACs has a smaller worst error (brute force)
+        assert worst == min(
+            max(o.error for o in c) for c in combos if sum(o.macs for o in c) <= macs
+        )
+    # the cheapest plan is the cheapest option everywhere, the dearest the least-error one
+    assert plans[0][0] == sum(min(o.macs for o in opts) for opts in layers)
+    assert plans[-1][1] == max(min(o.error for o in opts) for opts in layers)
 
 
 def test_proxy_warmup_defaults_to_a_tenth_of_the_steps():
@@ -306,6 +325,28 @@ def test_allocation_ladder_adds_uniform_tracks(template):
                 ratio * baseline.macs, abs=0.5
             )
             assert ratio <= 0.7
+
+
+def test_allocation_ladder_adds_the_balanced_track(template):
+    cfg = load_config(template / "study.yaml", ["initial_design.balanced=true"])
+    prepared = prepare(cfg)
+    baseline = load_baseline(cfg, prepared.model, prepared.splits)
+    rungs = allocation_ladder(cfg, prepared.space, baseline, prepared.splits, 5)
+    balanced = [rung for rung in rungs if rung.track == "balanced"]
+    front = [rung for rung in rungs if rung.track == "front"]
+    assert list(dict.fromkeys(rung.track for rung in rungs)) == ["front", "balanced"]
+    assert front == allocation_ladder(
+        load_config(template / "study.yaml"), prepared.space, baseline, prepared.splits, 5
+    )
+    assert balanced and [r.macs for r in balanced] == sorted({r.macs for r in balanced})
+    for ratio, params, _ in balanced:  # within the budget, fvcore's MACs
+        model = apply_plan(baseline.model, suggest_plan(FixedTrial(params), prepared.space))
+        assert count_macs(model, baseline.input_shape) == pytest.approx(
+            ratio * baseline.macs, abs=0.5
+        )
+        assert ratio <= 0.7
+    ladder = Ladder(rungs, plans=3, accuracy_index=0, baseline_accuracy=1.0)
+    assert {rungs[i].track for i in ladder._probes()} == {"front", "balanced"}
 
 
 def test_a_non_finite_kernel_fails_its_options_and_trials_not_the_study(template):

@@ -237,13 +237,16 @@ class InitialDesign:
     ``plans`` of them (0: none), from ``grid`` ratios per method and layer, each option
     scored by ``score``: ``network`` (the relative logit error of the baseline with only
     that layer replaced) or ``layer`` (the layer's relative output error); ``tracks``
-    single-method uniform sweeps join the error front's plans, each probed once first.
+    single-method uniform sweeps join the error front's plans, each probed once first;
+    ``balanced`` adds the minimax-error plans (every layer its cheapest option under one
+    shared error cap, in the spirit of ALDS) as a track of their own.
     """
 
     plans: int = setting(0, check=at_least(0))
     grid: int = setting(8, check=at_least(2))
     score: str = setting("network", check=choice(("network", "layer")))
     tracks: int = setting(0, check=at_least(0))
+    balanced: bool = setting(False, check=flag)
 
 
 @dataclass(frozen=True)

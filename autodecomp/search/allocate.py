@@ -7,7 +7,9 @@ the Pareto front of (MACs, summed error), from the cheapest option everywhere to
 model. :func:`assemble_ladder` keeps the front's plans that fit the budgets, spread evenly
 over their log-MACs (the cheapest always included: the hypervolume of (accuracy, MACs) is
 won at the cheap end), as fixed trial parameters: the study enqueues them first and the
-sampler starts from what they score. With ``initial_design.tracks`` the ladder also holds
+sampler starts from what they score. With ``initial_design.balanced`` the ladder also holds
+the plans of :func:`minimax_plans` (one shared error cap for every layer, in the spirit of
+ALDS) as a track of their own. With ``initial_design.tracks`` the ladder also holds
 single-method uniform plans (:func:`uniform_plans`), one track per method;
 :class:`~autodecomp.search.ladder.Ladder` probes each track once, then fills gaps from
 every track's rungs. The options' scores (:func:`~autodecomp.search.options.option_scores`)
@@ -36,7 +38,7 @@ from ..core.errors import DecompositionError
 from ..measure.plan_cost import PlanCost
 from ..workload.data import DataSplits
 from .baseline import Baseline
-from .ladder import FRONT, OPTION_SCORES, Ladder, Rung
+from .ladder import BALANCED, FRONT, OPTION_SCORES, Ladder, Rung
 from .options import (
     Option,
     Scored,
@@ -65,6 +67,7 @@ __all__ = [
     "dense_option",
     "error_front",
     "layer_options",
+    "minimax_plans",
     "option_scores",
     "score_options",
     "uniform_candidates",
@@ -101,6 +104,35 @@ def error_front(
                 front.append(point)
         if len(front) > keep_at_most:
             front = [front[i] for i in _spread([p[0] for p in front], keep_at_most)]
+    return front
+
+
+def minimax_plans(options: Mapping[str, list[Option]]) -> list[tuple[int, float, tuple[int, ...]]]:
+    """The plans that equalise per-layer error, cheapest first: ``(macs, worst error, option
+    index per layer)``.
+
+    For each error cap ``eps`` (every option's error in turn), every layer takes its
+    cheapest option whose error is at most ``eps`` (its least-error option when none is);
+    a larger cap never costs more. Where :func:`error_front` minimises the summed error at
+    a MAC level, these minimise the worst layer's (the minimax allocation of ALDS, Liebenwein
+    et al. 2021, over the scored options), so no layer is compressed far past the others.
+    """
+    plans: dict[tuple[int, ...], tuple[int, float]] = {}
+    caps = sorted({o.error for opts in options.values() for o in opts})
+    for eps in caps:
+        picks = []
+        for opts in options.values():
+            within = [i for i, o in enumerate(opts) if o.error <= eps]
+            pool = within or [min(range(len(opts)), key=lambda i: opts[i].error)]
+            picks.append(min(pool, key=lambda i: (opts[i].macs, opts[i].error)))
+        chosen = [opts[i] for opts, i in zip(options.values(), picks, strict=True)]
+        plans.setdefault(
+            tuple(picks), (sum(o.macs for o in chosen), max((o.error for o in chosen), default=0))
+        )
+    front: list[tuple[int, float, tuple[int, ...]]] = []
+    for macs, worst, picks in sorted((m, w, p) for p, (m, w) in plans.items()):
+        if not front or worst < front[-1][1]:  # dearer plans must lower the worst error
+            front.append((macs, worst, picks))
     return front
 
 
@@ -220,6 +252,35 @@ def allocation_ladder(
     return assemble_ladder(cfg, space, baseline, scored, uniform, grid)
 
 
+def _rungs(
+    space: SearchSpace,
+    baseline: Baseline,
+    scored: Scored,
+    plans: Iterable[tuple[int, float, tuple[int, ...]]],
+    limits: Mapping[str, float],
+    track: str,
+) -> list[Rung]:
+    """``plans`` (an option index per layer) within ``limits`` as rungs of ``track``,
+    cheapest first, at most ``MAX_RUNGS`` spread evenly over log-MACs."""
+    options, dense = scored.options, scored.dense
+    found: list[Rung] = []
+    for _, _, choice in plans:
+        picked = {n: options[n][i] for n, i in zip(options, choice, strict=True)}
+        macs = baseline.macs + sum(o.macs - dense[n].macs for n, o in picked.items())
+        params = baseline.params + sum(
+            o.params_count - dense[n].params_count for n, o in picked.items()
+        )
+        totals = {"macs": macs, "params": params}
+        if any(totals[k] > limit for k, limit in limits.items() if k in totals):
+            continue
+        fixed: dict[str, Any] = {}
+        for option in picked.values():
+            fixed |= option.params
+        found.append(Rung(macs / baseline.macs, fixed | block_params(space), track))
+    found.sort(key=lambda rung: rung.macs)
+    return [found[i] for i in _spread([r.macs for r in found], MAX_RUNGS, log=True)]
+
+
 def assemble_ladder(
     cfg: StudyConfig,
     space: SearchSpace,
@@ -231,30 +292,17 @@ def assemble_ladder(
     """The ladder's rungs from the scored options and each offered method's uniform plans
     (:func:`uniform_plans`; empty without tracks): the :func:`error_front` plans within the
     MAC and parameter budgets, cheapest first (at most ``MAX_RUNGS``, spread evenly over
-    log-MACs; track ``front``), then, with ``initial_design.tracks`` > 0, the uniform plans
+    log-MACs; track ``front``), with ``initial_design.balanced`` the :func:`minimax_plans`
+    within them (track ``balanced``), then, with ``initial_design.tracks`` > 0, the uniform plans
     of that many methods, cheapest first, one method after the other: those whose uniform
     plans have the least summed option error at the ladder's probe level
     (:meth:`Ladder.probe_level`), the least first. The options' scores ride along as
     ``scores`` (:func:`~autodecomp.search.options.option_scores`)."""
     options, dense = scored.options, scored.dense
-    names = list(options)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
-    found: list[Rung] = []
-    for _, _, choice in error_front(options):
-        picked = {n: options[n][i] for n, i in zip(names, choice, strict=True)}
-        macs = baseline.macs + sum(o.macs - dense[n].macs for n, o in picked.items())
-        params = baseline.params + sum(
-            o.params_count - dense[n].params_count for n, o in picked.items()
-        )
-        totals = {"macs": macs, "params": params}
-        if any(totals[k] > limit for k, limit in limits.items() if k in totals):
-            continue
-        fixed: dict[str, Any] = {}
-        for option in picked.values():
-            fixed |= option.params
-        found.append(Rung(macs / baseline.macs, fixed | block_params(space)))
-    found.sort(key=lambda rung: rung.macs)
-    rungs = [found[i] for i in _spread([r.macs for r in found], MAX_RUNGS, log=True)]
+    rungs = _rungs(space, baseline, scored, error_front(options), limits, FRONT)
+    if cfg.initial_design.balanced:
+        rungs += _rungs(space, baseline, scored, minimax_plans(options), limits, BALANCED)
     tracks: list[str] = []
     if cfg.initial_design.tracks > 0 and rungs:
         level = Ladder.probe_level(rungs)

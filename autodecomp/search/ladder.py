@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["FRONT", "OPTION_SCORES", "Ladder", "Rung"]
+__all__ = ["BALANCED", "FRONT", "OPTION_SCORES", "Ladder", "Rung"]
 
 FRONT = "front"  # the track of the error front's plans
+BALANCED = "balanced"  # the track of the minimax-error plans (initial_design.balanced)
 OPTION_SCORES = "layer_option_scores"  # the study's user attribute holding option_scores()
 
 
