@@ -151,3 +151,18 @@ def test_sweep_cap_follows_max_iter():
     errors = [cp_als(x, 20, max_iter=n, tol=0.0, rescue=False)[2] for n in (1, 3, 30)]
     assert errors[0] > errors[1] > errors[2]
     assert math.isfinite(errors[2])
+
+
+@pytest.mark.parametrize("shape", [(24, 20, 9), (12, 10, 3, 3)])
+def test_single_precision_contractions_follow_the_double_precision_fit(shape):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    errors = {}
+    for single in (False, True):
+        weights, factors, err = cp_als(x, 30, max_iter=20, tol=0.0, single_contractions=single)
+        assert factors[0].dtype == torch.float64
+        truth = float(torch.linalg.vector_norm(cp_to_tensor(weights, factors) - x) / x.norm())
+        assert err == pytest.approx(truth, rel=1e-9)
+        errors[single] = err
+    assert 0.1 < errors[False] < 0.9
+    assert errors[True] == pytest.approx(errors[False], rel=1e-5)

@@ -160,9 +160,11 @@ def test_large_problems_are_fitted_cold_without_an_anchor(monkeypatch):
 
     x, rank = trained_like((20, 18, 9)), 13
     calls: list[int] = []
+    single: list[bool] = []
 
     def counted(*args, **kwargs):
         calls.append(args[1])
+        single.append(kwargs.get("single_contractions", False))
         return cp_als(*args, **kwargs)
 
     monkeypatch.setattr(cp_warm_module, "cp_als", counted)
@@ -173,7 +175,9 @@ def test_large_problems_are_fitted_cold_without_an_anchor(monkeypatch):
         monkeypatch.setattr(cp_als_module, "_SWEEP_FLOPS", per_sweep * cap)
         assert cp_als_module.default_max_iter(x.numel(), rank) == cap
         calls.clear()
+        single.clear()
         warm = fit(x, rank)
         assert calls == fits
+        assert single == [len(fits) == 1] * len(fits)  # large fits contract in float32
     cold = fit(x, rank, warm=False)
     assert all(torch.equal(a, b) for a, b in zip(warm, cold, strict=True))

@@ -56,6 +56,7 @@ class _Settings:
     rescue: bool
     rescue_below: float
     restarts: int
+    contraction_dtype: torch.dtype  # of the two tensor-sized contractions of a sweep
 
 
 def default_max_iter(numel: int, rank: int) -> int:
@@ -90,6 +91,7 @@ def cp_als(
     rescue: bool = True,
     rescue_below: float = math.inf,
     restarts: int = _RESTARTS,
+    single_contractions: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Rank-``rank`` CP decomposition of ``tensor`` by ALS.
@@ -117,6 +119,9 @@ def cp_als(
             random starts, keeping the best (ALS stalls in swamps and local minima).
         rescue_below: rescue only ALS fits whose relative error is below this.
         restarts: the random starts a rescue tries after its polish.
+        single_contractions: run the sweeps' two tensor-sized contractions in float32 (the
+            solves, Gram matrices and errors stay float64): about 1.3x faster on large
+            problems, for fits that stop far above float32's rounding (search precision).
         callback: called as ``callback(sweep, rel_error)`` after every sweep of the ALS from
             ``init`` (not during a rescue), e.g. to time the error trajectory.
 
@@ -147,7 +152,15 @@ def cp_als(
     if max_iter is None:
         max_iter = default_max_iter(x.numel(), rank)
     settings = _Settings(
-        max_iter, tol, ridge, linesearch, max_spread, rescue, rescue_below, restarts
+        max_iter,
+        tol,
+        ridge,
+        linesearch,
+        max_spread,
+        rescue,
+        rescue_below,
+        restarts,
+        torch.float32 if single_contractions else torch.float64,
     )
     gen = torch.Generator(device=x.device).manual_seed(seed)
     keep = [i for i, s in enumerate(shape) if s > 1] or [0]
@@ -245,32 +258,38 @@ class _Solver:
         self.split = split_modes(self.shape)
         self.left = list(range(self.split))
         self.right = list(range(self.split, x.dim()))
-        self.matrix = x.reshape(math.prod(self.shape[: self.split]), -1)
+        self.matrix_shape = (math.prod(self.shape[: self.split]), -1)
+        self.data = x.to(settings.contraction_dtype)  # what the two large contractions read
 
     # ---- the two large contractions ------------------------------------------------------
     def contract_right(self, factors: list[torch.Tensor]) -> torch.Tensor:
         """The tensor contracted with the trailing factors: shape ``(R, *leading dims)``."""
-        n_left, n_right = self.matrix.shape
+        factors = [f.to(self.data.dtype) for f in factors]
+        matrix = self.data.reshape(self.matrix_shape)
+        n_left, n_right = matrix.shape
         last = self.shape[-1]
         if n_left + n_right <= self.x.numel() // last:  # Khatri-Rao of the group is small
             kr = khatri_rao([factors[k] for k in self.right])
-            return (kr.T @ self.matrix.T).reshape(self.rank, *self.shape[: self.split])
-        out = (factors[-1].T @ self.x.reshape(-1, last).T).reshape(self.rank, *self.shape[:-1])
+            out = (kr.T @ matrix.T).reshape(self.rank, *self.shape[: self.split])
+            return out.to(torch.float64)
+        out = (factors[-1].T @ self.data.reshape(-1, last).T).reshape(self.rank, *self.shape[:-1])
         for k in reversed(self.right[:-1]):
             out = _reduce(out, factors[k], out.dim() - 2)
-        return out
+        return out.to(torch.float64)
 
     def contract_left(self, factors: list[torch.Tensor]) -> torch.Tensor:
         """The tensor contracted with the leading factors: shape ``(R, *trailing dims)``."""
-        n_left, n_right = self.matrix.shape
+        factors = [f.to(self.data.dtype) for f in factors]
+        matrix = self.data.reshape(self.matrix_shape)
+        n_left, n_right = matrix.shape
         first = self.shape[0]
         if n_left + n_right <= self.x.numel() // first:
             kr = khatri_rao([factors[k] for k in self.left])
-            return (kr.T @ self.matrix).reshape(self.rank, *self.shape[self.split :])
-        out = (factors[0].T @ self.x.reshape(first, -1)).reshape(self.rank, *self.shape[1:])
+            return (kr.T @ matrix).reshape(self.rank, *self.shape[self.split :]).to(torch.float64)
+        out = (factors[0].T @ self.data.reshape(first, -1)).reshape(self.rank, *self.shape[1:])
         for k in self.left[1:]:
             out = _reduce(out, factors[k], 0)
-        return out
+        return out.to(torch.float64)
 
     # ---- ALS -------------------------------------------------------------------------------
     def solve(

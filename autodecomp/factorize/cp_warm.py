@@ -24,8 +24,10 @@ process, or what the factor cache held: replays and workers get the same factors
 Large problems are fitted cold: where the default sweep cap of a cold fit
 (:func:`~autodecomp.factorize.cp_als.default_max_iter`) is at most :data:`WARM_ABOVE_CAP`
 sweeps, a warm fit (capped at :data:`WARM_SWEEPS`) saves no sweeps and its anchor costs a
-second fit (e.g. a 512x512x3x3 kernel above rank 132). The rule depends on the tensor's
-shape and ``R`` only, so it keeps the determinism above.
+second fit (e.g. a 512x512x3x3 kernel above rank 132). Their sweeps' two tensor-sized
+contractions run in float32 (``cp_als(single_contractions=True)``; solves in float64):
+capped at 20-40 sweeps, they stop at errors far above float32's rounding. The rule
+depends on the tensor's shape and ``R`` only, so it keeps the determinism above.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def fit_cp(
             settings["tol"] = ANCHOR_TOL
         elif how == "warm":
             settings["max_iter"] = WARM_SWEEPS
+        elif how == "large":
+            settings["single_contractions"] = True
         settings |= opts
         if init is not None:
             settings["init"] = init
@@ -164,8 +168,12 @@ def fit_cp(
         return [factors[0] * weights, *factors[1:]]
 
     def search_fit(r: int) -> list[torch.Tensor]:
-        cold = not warm or default_max_iter(x.numel(), r) <= WARM_ABOVE_CAP
-        anchor = 0 if cold else anchor_rank(r, max_rank)
+        large = default_max_iter(x.numel(), r) <= WARM_ABOVE_CAP
+        anchor = 0 if large or not warm else anchor_rank(r, max_rank)
+        if large:  # float32 contractions: the sweep cap, not rounding, ends these fits
+            return cache.get_or_compute(
+                f"{key}/{r}/search/cold32/{text}", lambda: solve(r, "large")
+            )
         if anchor <= _COLD_UP_TO:
             return cache.get_or_compute(f"{key}/{r}/search/cold/{text}", lambda: solve(r, "cold"))
         try:
