@@ -287,3 +287,14 @@ def test_model_and_sampler_shorthands(tmp_path):
     assert _error(load_config, _study(tmp_path, model={})) == (
         "model.name must be a non-empty string, got None"
     )
+
+
+def test_set_reaches_into_a_space_given_as_a_file():
+    study = Path(__file__).resolve().parent.parent / "studies" / "digits" / "study.yaml"
+    plain = load_config(study)
+    cfg = load_config(study, ["space.init=data", "space.ratio.range=[0.2, 0.4]"])
+    assert plain.space.init != "data" and cfg.space.init == "data"
+    assert (cfg.space.ratio.lo, cfg.space.ratio.hi) == (0.2, 0.4)
+    same = ("include", "exclude", "methods", "keep", "shift_prune", "overrides")
+    assert all(getattr(cfg.space, k) == getattr(plain.space, k) for k in same)
+    assert load_config(study, ["seed=3"]).space == plain.space  # no space key: the file as is

@@ -151,6 +151,15 @@ def _space(raw: Any, folder: Path) -> SpaceConfig:
     return load_space(local_path(raw, "space", folder))
 
 
+def _inline_space(raw: dict[str, Any], overrides: Sequence[str], folder: Path) -> dict[str, Any]:
+    """``raw`` with a space given as a file read into it when an override sets a key inside
+    it (``--set space.init=data``), so that the override applies to the file's settings."""
+    inside = any(o.partition("=")[0].startswith("space.") for o in overrides)
+    if inside and isinstance(raw.get("space"), str):
+        return {**raw, "space": read_yaml(local_path(raw["space"], "space", folder))}
+    return raw
+
+
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> StudyConfig:
     """Read ``study.yaml``, apply ``--set`` overrides, and validate everything.
 
@@ -164,9 +173,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{str(path)!r} must contain a mapping, got {show(raw)}")
-    raw = apply_overrides(raw, overrides)
-    mapping(raw, "study", _STUDY_KEYS)
     folder = path.resolve().parent
+    raw = apply_overrides(_inline_space(raw, overrides, folder), overrides)
+    mapping(raw, "study", _STUDY_KEYS)
     if "model" not in raw:
         raise ConfigError("study needs a 'model' (e.g. model: {name: digits_cnn})")
     seed = integer(raw.get("seed", 0), "seed")
