@@ -30,6 +30,7 @@ from autodecomp.factorize.cache import FactorCache
 from autodecomp.search import baseline as baseline_module
 from autodecomp.search import storage as storage_module
 from autodecomp.search.baseline import cache_paths, load_baseline
+from autodecomp.search.loop import sigterm_as_interrupt
 from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
 from autodecomp.search.study import COUNTED, prepare
 from autodecomp.search.worker import TooManyFailures, run_trials
@@ -211,6 +212,27 @@ def test_interrupted_trial_is_requeued_and_failures_stop_a_worker(tmp_path):
     failed, waiting = study.trials
     assert failed.state == TrialState.FAIL and waiting.state == TrialState.WAITING
     assert waiting.params == failed.params and waiting.system_attrs["failed_trial"] == 0
+
+    # a signal whose KeyboardInterrupt a finaliser swallowed still fails and re-queues the
+    # trial that was running (the handler remembered it)
+    url = f"journal:///{tmp_path / 'k.journal'}"
+    storage, study = _trivial_study(url)
+    lock = lambda: trial_start_lock(url, storage, "t")  # noqa: E731
+
+    def swallowed(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs in here and raises ...
+        except KeyboardInterrupt:
+            pass  # ... and the exception is lost, as in a weakref callback
+        return x
+
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        run_trials(study, swallowed, 3, lock, retry=heartbeat.retry_callback())
+    failed, waiting = study.trials
+    assert failed.state == TrialState.FAIL and waiting.state == TrialState.WAITING
+    assert waiting.params == failed.params
 
     def broken(trial: optuna.Trial) -> float:
         trial.suggest_float("x", 0.0, 1.0)

@@ -89,7 +89,9 @@ def _one_trial(
         held.close()
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        return objective(trial)
+        value = objective(trial)
+        _raise_if_interrupted()  # an interrupt that a finaliser swallowed fails the trial
+        return value
 
     def record(_study: optuna.Study, trial: FrozenTrial) -> None:
         finished.append(trial.state)
@@ -144,6 +146,7 @@ def run_trials(
     ran = failures = 0
     waiting = False
     while True:
+        _raise_if_interrupted()
         with ExitStack() as held:
             held.enter_context(start_lock())
             _fail_stale_trials(study)
@@ -172,21 +175,38 @@ def run_trials(
         time.sleep(poll_s)  # the last trials run elsewhere: one may fail or lose its process
 
 
+_INTERRUPTED = threading.Event()  # set by Ctrl-C / SIGTERM inside sigterm_as_interrupt
+
+
+def _raise_if_interrupted() -> None:
+    """Raise the KeyboardInterrupt of a signal whose own was swallowed: Python ignores an
+    exception raised in a finaliser or weakref callback (e.g. SQLAlchemy's), which is
+    where the signal handler runs when the signal arrives during garbage collection."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch system's time limit or preemption) ends the process like Ctrl-C."""
+    """SIGTERM (a batch system's time limit or preemption) ends the process like Ctrl-C;
+    either is also remembered (:func:`_raise_if_interrupted`) so a swallowed one still ends
+    the running trial and the loop."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(_signum: int, _frame: Any) -> None:
+        _INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    _INTERRUPTED.clear()
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _INTERRUPTED.clear()
 
 
 @dataclass(frozen=True)
