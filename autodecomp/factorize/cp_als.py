@@ -258,19 +258,18 @@ class _Solver:
         self.split = split_modes(self.shape)
         self.left = list(range(self.split))
         self.right = list(range(self.split, x.dim()))
-        self.matrix_shape = (math.prod(self.shape[: self.split]), -1)
         self.data = x.to(settings.contraction_dtype)  # what the two large contractions read
+        self.matrix = self.data.reshape(math.prod(self.shape[: self.split]), -1)
 
     # ---- the two large contractions ------------------------------------------------------
     def contract_right(self, factors: list[torch.Tensor]) -> torch.Tensor:
         """The tensor contracted with the trailing factors: shape ``(R, *leading dims)``."""
         factors = [f.to(self.data.dtype) for f in factors]
-        matrix = self.data.reshape(self.matrix_shape)
-        n_left, n_right = matrix.shape
+        n_left, n_right = self.matrix.shape
         last = self.shape[-1]
         if n_left + n_right <= self.x.numel() // last:  # Khatri-Rao of the group is small
             kr = khatri_rao([factors[k] for k in self.right])
-            out = (kr.T @ matrix.T).reshape(self.rank, *self.shape[: self.split])
+            out = (kr.T @ self.matrix.T).reshape(self.rank, *self.shape[: self.split])
             return out.to(torch.float64)
         out = (factors[-1].T @ self.data.reshape(-1, last).T).reshape(self.rank, *self.shape[:-1])
         for k in reversed(self.right[:-1]):
@@ -280,12 +279,12 @@ class _Solver:
     def contract_left(self, factors: list[torch.Tensor]) -> torch.Tensor:
         """The tensor contracted with the leading factors: shape ``(R, *trailing dims)``."""
         factors = [f.to(self.data.dtype) for f in factors]
-        matrix = self.data.reshape(self.matrix_shape)
-        n_left, n_right = matrix.shape
+        n_left, n_right = self.matrix.shape
         first = self.shape[0]
         if n_left + n_right <= self.x.numel() // first:
             kr = khatri_rao([factors[k] for k in self.left])
-            return (kr.T @ matrix).reshape(self.rank, *self.shape[self.split :]).to(torch.float64)
+            out = (kr.T @ self.matrix).reshape(self.rank, *self.shape[self.split :])
+            return out.to(torch.float64)
         out = (factors[0].T @ self.data.reshape(first, -1)).reshape(self.rank, *self.shape[1:])
         for k in self.left[1:]:
             out = _reduce(out, factors[k], 0)

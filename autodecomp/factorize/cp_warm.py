@@ -168,12 +168,11 @@ def fit_cp(
         return [factors[0] * weights, *factors[1:]]
 
     def search_fit(r: int) -> list[torch.Tensor]:
-        large = default_max_iter(x.numel(), r) <= WARM_ABOVE_CAP
-        anchor = 0 if large or not warm else anchor_rank(r, max_rank)
-        if large:  # float32 contractions: the sweep cap, not rounding, ends these fits
+        if default_max_iter(x.numel(), r) <= WARM_ABOVE_CAP:  # large: cold, float32 contractions
             return cache.get_or_compute(
                 f"{key}/{r}/search/cold32/{text}", lambda: solve(r, "large")
             )
+        anchor = anchor_rank(r, max_rank) if warm else 0
         if anchor <= _COLD_UP_TO:
             return cache.get_or_compute(f"{key}/{r}/search/cold/{text}", lambda: solve(r, "cold"))
         try:
