@@ -1,12 +1,13 @@
-"""Warm starts: a trial-like sequence of CP / PDP fits (many ranks per layer) warm vs cold.
+"""Warm starts: a trial-like sequence of CP / PDP / TR fits (many ranks per layer) warm vs cold.
 
 For each layer of the trained models (``bench/trained.py``) and each method, ``--ranks``
 ratios drawn log-uniformly from [``--low``, ``--high``] (seeded, as a search samples them)
-are decomposed in turn through ``ad.decompose_conv`` at the default search precision, one
+are decomposed in turn through ``ad.decompose_conv`` (CP / PDP at search precision), one
 fresh factor cache per sequence, interleaved, the fastest of ``--repeats``: ``warm=True``
-(the default: each rank warm-started from its anchor rank's fit, anchors fitted cold when
-first needed) and ``warm=False`` (every rank cold). Prints the total time of each sequence
-and the ratio of the kernel errors warm / cold (geometric mean and worst)::
+(each rank warm-started from its anchor rank's fit, anchors fitted cold when first needed;
+the default of CP and PDP, an option of TR) and ``warm=False`` (every rank cold). Prints the
+total time of each sequence and the ratio of the kernel errors warm / cold (geometric mean
+and worst)::
 
     python bench/cp_warm.py --markdown
 """
@@ -42,7 +43,7 @@ LAYERS = [
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", nargs="+", default=LAYERS, help="model:layer")
-    parser.add_argument("--methods", nargs="+", default=["cp", "pdp"])
+    parser.add_argument("--methods", nargs="+", default=["cp", "pdp", "tr"])
     parser.add_argument("--ranks", type=int, default=30, help="ratios per layer")
     parser.add_argument("--low", type=float, default=0.05)
     parser.add_argument("--high", type=float, default=0.5)

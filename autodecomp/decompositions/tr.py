@@ -4,8 +4,9 @@ Forward: 1x1 ``C -> ra*rb``; fold the ``ra`` ring slices into the batch; ``kh x 
 ``rb -> re`` (stride, padding, dilation here); unfold; 1x1 ``ra*re -> F`` with the bias.
 Initialisation: the better of TR-SVD and an algebraic ring decomposition that is exact for
 kernels of ring rank ``(ra, r, r)`` (see :mod:`autodecomp.factorize.tensor_train`), refined
-by ALS within a multiply-add budget. Not nested in the rank: results are cached per
-(weight, rank, options), the two mode bases once per weight.
+by ALS within a multiply-add budget, or (option ``warm``) warm-started from an anchor rank's
+fit. Not nested in the rank: results are cached per (weight, rank, options), the two mode
+bases once per weight.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ..core.errors import DecompositionError
 from ..core.spec import ConvSpec
 from ..factorize import tensorly_solvers
 from ..factorize.cache import default_cache, weight_key
+from ..factorize.ring_warm import fit_ring, ring_problems
 from ..factorize.svd import left_singular_vectors
-from ..factorize.tensor_train import ring_decompose
 from .base import DecomposedConv, register
 from .layers import SpatialConv, pointwise, pointwise_conv
 
@@ -38,22 +39,16 @@ def _mode_bases(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _problems(spec: ConvSpec, ra: int, rb: int, re: int) -> list[str]:
-    c, f, s = spec.in_channels, spec.out_channels, spec.kernel_area
-    checks = [
-        (min(ra, rb, re) >= 1, "every rank must be >= 1"),
-        (ra * rb <= c, f"ra*rb={ra * rb} must be <= C={c}"),
-        (ra * re <= f, f"ra*re={ra * re} must be <= F={f}"),
-        (rb <= s * re, f"rb={rb} must be <= kh*kw*re={s * re}"),
-        (re <= s * rb, f"re={re} must be <= kh*kw*rb={s * rb}"),
-    ]
-    return [text for ok, text in checks if not ok]
+    return ring_problems((spec.in_channels, spec.kernel_area, spec.out_channels), (ra, rb, re))
 
 
 @register("tr")
 class TensorRingConv(DecomposedConv):
     """1x1 ``C -> ra*rb``; ``kh x kw`` conv ``rb -> re`` per ring slice; 1x1 ``ra*re -> F``.
 
-    Options: ``als_iters``, ``als_budget``, ``tol`` (the ALS refinement), ``cache``,
+    Options: ``als_iters``, ``als_budget``, ``tol`` (the ALS refinement), ``warm`` (start a
+    rank from its anchor rank's fit, :mod:`~autodecomp.factorize.ring_warm`; off by default:
+    measured not to pay, ``docs/solvers.md``), ``cache``,
     ``solver`` (``"tensorly"``: tensorly's ``tensor_ring``, TR-SVD of ``(C, kh*kw, F)`` from
     the C mode without refinement; exact for ``ra = 1`` only, see the module docstring).
 
@@ -142,6 +137,7 @@ class TensorRingConv(DecomposedConv):
         als_iters: int = 10,
         als_budget: float = 4e9,
         tol: float = 1e-6,
+        warm: bool = False,
         cache=default_cache,
         solver: str = "autodecomp",
         **_: Any,
@@ -162,12 +158,17 @@ class TensorRingConv(DecomposedConv):
                     lambda: tensorly_solvers.ring(tensor(), [ra, rb, re, ra]),
                 )
             else:
-                bases = cache.get_or_compute(f"tr/{wkey}/bases", lambda: _mode_bases(tensor()))
-                u, k, v = cache.get_or_compute(
-                    f"tr/{wkey}/{ra},{rb},{re}/als{als_iters},{als_budget:g},{tol:g}",
-                    lambda: ring_decompose(
-                        tensor(), rank, bases, als_iters=als_iters, als_budget=als_budget, tol=tol
-                    ),
+                u, k, v = fit_ring(
+                    tensor,
+                    (c, kh * kw, f),
+                    rank,
+                    lambda: cache.get_or_compute(f"tr/{wkey}/bases", lambda: _mode_bases(tensor())),
+                    cache=cache,
+                    key=f"tr/{wkey}",
+                    warm=warm,
+                    als_iters=als_iters,
+                    als_budget=als_budget,
+                    tol=tol,
                 )
         except torch.linalg.LinAlgError as err:
             raise DecompositionError(f"tr decomposition at rank {rank} failed: {err}") from err

@@ -29,6 +29,8 @@ __all__ = [
     "left_factor",
     "ring_als",
     "ring_decompose",
+    "ring_refine",
+    "ring_start",
     "ring_tensor",
     "tt_svd",
 ]
@@ -305,6 +307,53 @@ def ring_als(
     return (u, k, v), err
 
 
+def ring_start(
+    t: torch.Tensor,
+    ranks: Sequence[int],
+    bases: tuple[torch.Tensor, torch.Tensor],
+    seed: int = 0,
+) -> tuple[Ring, float]:
+    """The cold start of :func:`ring_decompose`: the better of TR-SVD and (for ``rb == re``) the
+    algebraic initialisation. Returns the cores and their squared error ``||T - ring||^2``."""
+    ra, rb, re = (int(x) for x in ranks)
+    c, s, f = t.shape
+    norm2 = float(t.pow(2).sum()) or 1.0
+    basis = bases[0][:, : ra * rb]
+    z = (basis.T @ t.reshape(c, -1)).reshape(ra * rb, s, f)
+    cores, kept = _ring_init_svd(z, basis, (ra, rb, re))
+    error2 = max(norm2 - kept, 0.0)
+    if rb == re:
+        # the algebraic start only helps kernels that are (nearly) rings of this rank: there
+        # it is exact, elsewhere TR-SVD is the better start
+        uf = bases[1][:, : ra * rb]
+        m = torch.einsum("nsf,fm->snm", z, uf)
+        residual = float("inf")
+        if (norm2 - float(m.pow(2).sum())) / norm2 < 1e-8:
+            try:
+                gen = torch.Generator().manual_seed(seed)
+                algebraic, residual = _ring_init_algebraic(m, basis, uf, ra, rb, gen)
+            except torch.linalg.LinAlgError:
+                pass
+        if residual < 1e-8:
+            algebraic_error2 = float((ring_tensor(*algebraic) - t).pow(2).sum())
+            if algebraic_error2 < error2:
+                cores, error2 = algebraic, algebraic_error2
+    return cores, error2
+
+
+def ring_refine(
+    t: torch.Tensor, cores: Ring, *, als_iters: int, als_budget: float, tol: float
+) -> Ring:
+    """ALS on ``cores`` within ``als_iters`` sweeps and ``als_budget`` multiply-adds: past the
+    budget for a full sweep (the K update solves an ``(rb*re)^2`` system), sweeps update U and V
+    only."""
+    ranks = (cores[0].shape[0], cores[0].shape[2], cores[1].shape[2])
+    full, outer = _sweep_costs(t.shape, ranks)
+    middle = full <= als_budget
+    sweeps = min(als_iters, int(als_budget // (full if middle else outer)))
+    return ring_als(t, cores, sweeps, tol, middle)[0]
+
+
 def ring_decompose(
     t: torch.Tensor,
     ranks: Sequence[int],
@@ -330,28 +379,5 @@ def ring_decompose(
         tol: relative improvement below which ALS stops.
         seed: seeds the random slice combinations (results are deterministic).
     """
-    ra, rb, re = (int(x) for x in ranks)
-    c, s, f = t.shape
-    norm2 = float(t.pow(2).sum()) or 1.0
-    basis = bases[0][:, : ra * rb]
-    z = (basis.T @ t.reshape(c, -1)).reshape(ra * rb, s, f)
-    cores, kept = _ring_init_svd(z, basis, (ra, rb, re))
-    if rb == re:
-        # the algebraic start only helps kernels that are (nearly) rings of this rank: there
-        # it is exact, elsewhere TR-SVD is the better start
-        uf = bases[1][:, : ra * rb]
-        m = torch.einsum("nsf,fm->snm", z, uf)
-        residual = float("inf")
-        if (norm2 - float(m.pow(2).sum())) / norm2 < 1e-8:
-            try:
-                gen = torch.Generator().manual_seed(seed)
-                algebraic, residual = _ring_init_algebraic(m, basis, uf, ra, rb, gen)
-            except torch.linalg.LinAlgError:
-                pass
-        if residual < 1e-8 and float((ring_tensor(*algebraic) - t).pow(2).sum()) < norm2 - kept:
-            cores = algebraic
-    # the K update solves a (rb*re)^2 system: past the budget, sweep over U and V only
-    full, outer = _sweep_costs(t.shape, (ra, rb, re))
-    middle = full <= als_budget
-    sweeps = min(als_iters, int(als_budget // (full if middle else outer)))
-    return ring_als(t, cores, sweeps, tol, middle)[0]
+    cores, _ = ring_start(t, ranks, bases, seed)
+    return ring_refine(t, cores, als_iters=als_iters, als_budget=als_budget, tol=tol)
