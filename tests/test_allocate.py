@@ -236,6 +236,8 @@ def test_search_enqueues_the_design_once_and_resumes_older_studies(template, tmp
     assert labels[0].startswith("allocation 1/")  # the cheapest rung first
     assert [label.startswith("allocation ") for label in labels] == [True] * 3 + [False]
     assert len(set(labels[:3])) == 3
+    tracks = {rung[2] for rung in study.user_attrs["allocation_ladder"]["rungs"]}
+    assert all(label.split()[2] in tracks for label in labels[:3])  # each names its track
     # the design is part of the config: changing it on resume is refused
     assert main(["search", str(study_yaml), "--set", "initial_design.grid=6"]) == 2
     assert "initial_design.grid=5, now 6" in capsys.readouterr().err

@@ -111,7 +111,7 @@ class Ladder:
     def _enqueue(self, study: optuna.Study, rung: int | None) -> None:
         if rung is None:
             return
-        label = f"allocation {rung + 1}/{len(self.rungs)}"
+        label = f"allocation {rung + 1}/{len(self.rungs)} {self.rungs[rung].track}"
         study.enqueue_trial(self.rungs[rung].params, user_attrs={"warm_start": label})
 
     @staticmethod
