@@ -128,3 +128,20 @@ def test_fit_ring_builds_nothing_for_a_cached_rank():
     count = len(calls)
     again = fit_ring(tensor, t.shape, (1, 4, 4), bases, cache=cache, key="k")
     assert len(calls) == count and all(a is b for a, b in zip(first, again, strict=True))
+
+
+def test_a_failing_anchor_falls_back_to_the_cold_fit(monkeypatch):
+    import autodecomp.factorize.ring_warm as ring_warm
+
+    conv = _trained_like_conv()
+    cold = ad.decompose_conv(conv, "tr", rank=[1, 10, 10], cache=FactorCache())
+    real_refine = ring_warm.ring_refine
+
+    def refine(t, cores, **kwargs):
+        if cores[0].shape[2] == 11:  # the anchor (1, 11, 11)
+            raise torch.linalg.LinAlgError("singular")
+        return real_refine(t, cores, **kwargs)
+
+    monkeypatch.setattr(ring_warm, "ring_refine", refine)
+    warm = ad.decompose_conv(conv, "tr", rank=[1, 10, 10], warm=True, cache=FactorCache())
+    torch.testing.assert_close(warm.dense_weight(), cold.dense_weight(), rtol=0, atol=0)
