@@ -13,8 +13,8 @@ the rank and the tensor's shape alone, so factors never depend on what was fitte
 Off by default (the ``warm`` option of the TR method): on trained ResNet-18 kernels a
 trial-like sequence of ranks took 0.82-1.0x the time of cold fits for 0.4 % lower kernel
 error at best (``bench/cp_warm.py --methods tr``, ``docs/solvers.md``): a cold ring fit is
-already capped at 10 sweeps and a multiply-add budget, and TR's rank path is coarse, so
-most ranks are their own anchors.
+already capped at 10 sweeps and a multiply-add budget, and TR's rank path is coarse, so an
+anchor's own fit is shared by few ranks.
 """
 
 from __future__ import annotations
