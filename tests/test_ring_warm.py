@@ -135,13 +135,13 @@ def test_a_failing_anchor_falls_back_to_the_cold_fit(monkeypatch):
 
     conv = _trained_like_conv()
     cold = ad.decompose_conv(conv, "tr", rank=[1, 10, 10], cache=FactorCache())
-    real_refine = ring_warm.ring_refine
+    real_decompose = ring_warm.ring_decompose
 
-    def refine(t, cores, **kwargs):
-        if cores[0].shape[2] == 11:  # the anchor (1, 11, 11)
+    def decompose(t, ranks, bases, **kwargs):
+        if tuple(ranks) == (1, 11, 11):  # the anchor
             raise torch.linalg.LinAlgError("singular")
-        return real_refine(t, cores, **kwargs)
+        return real_decompose(t, ranks, bases, **kwargs)
 
-    monkeypatch.setattr(ring_warm, "ring_refine", refine)
+    monkeypatch.setattr(ring_warm, "ring_decompose", decompose)
     warm = ad.decompose_conv(conv, "tr", rank=[1, 10, 10], warm=True, cache=FactorCache())
     torch.testing.assert_close(warm.dense_weight(), cold.dense_weight(), rtol=0, atol=0)

@@ -25,7 +25,7 @@ import torch
 
 from .cache import FactorCache
 from .cp_warm import anchor_rank
-from .tensor_train import Ring, ring_refine, ring_start, ring_tensor
+from .tensor_train import Ring, ring_decompose, ring_refine, ring_start, ring_tensor
 
 __all__ = ["RING_WARM_SWEEPS", "fit_ring", "resize_ring", "ring_anchor", "ring_problems"]
 
@@ -127,12 +127,12 @@ def fit_ring(
         return f"{key}/{','.join(str(x) for x in r)}"
 
     def cold(r: tuple[int, ...]) -> Ring:
-        def compute() -> Ring:
-            t = tensor()
-            start, _ = ring_start(t, r, bases(), seed)
-            return ring_refine(t, start, als_iters=als_iters, als_budget=als_budget, tol=tol)
-
-        return cache.get_or_compute(f"{name(r)}/{options}", compute)
+        return cache.get_or_compute(
+            f"{name(r)}/{options}",
+            lambda: ring_decompose(
+                tensor(), r, bases(), als_iters=als_iters, als_budget=als_budget, tol=tol, seed=seed
+            ),
+        )
 
     anchor = ring_anchor(shape, ranks) if warm else ranks
     if anchor == ranks:
