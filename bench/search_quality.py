@@ -15,7 +15,12 @@ allocation ladder, factorisations, over-budget draws; a trial that has started f
 Then, per budget (``--budgets``, fractions of the dense MACs), each arm's best trial under
 the budget by its own validation accuracy is exported with ``autodecomp export``'s fine-tune
 (:func:`~autodecomp.ship.export.export_trial`, ``--finetune-epochs``) and evaluated on the
-test split. Hypervolume (validation accuracy vs MACs) stays as a secondary figure.
+test split. With ``--shortlist K`` the search arm exports as ``autodecomp export --best
+--shortlist K`` does: its K most accurate trials under the budget are each fine-tuned and the
+one most accurate on validation afterwards is kept; those fine-tunes count against its
+seconds, and the sweep then runs for as many seconds as the search spent in all (the column
+``no shortlist``: what the search's first pick alone scores, exported after the fact, not
+timed). Hypervolume (validation accuracy vs MACs) stays as a secondary figure.
 
 A seed is the study's seed: data split, baseline (trained once per seed and cached in the
 study's ``cache/``), trial seeds and sampler seed. Seeds are drawn fresh unless given with
@@ -125,26 +130,42 @@ def _run_arm(
     return study, time.process_time() - start
 
 
-def _best_under(study: optuna.Study, cfg: StudyConfig, budget: float) -> FrozenTrial | None:
-    """The most accurate (validation) completed trial within ``budget`` x the dense MACs."""
+def _ranked_under(study: optuna.Study, cfg: StudyConfig, budget: float) -> list[FrozenTrial]:
+    """Completed trials within ``budget`` x the dense MACs, most accurate (validation) first."""
     accuracy = cfg.objectives.index("accuracy")
     within = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not t.user_attrs.get("over_budget") and t.user_attrs["macs_ratio"] <= budget
     ]
-    return max(within, key=lambda t: (t.values[accuracy], -t.user_attrs["macs"]), default=None)
+    return sorted(within, key=lambda t: (-t.values[accuracy], t.user_attrs["macs"], t.number))
 
 
-def _exported(cfg: StudyConfig, trial: FrozenTrial | None, folder: Path, epochs: int) -> float:
-    """Test accuracy of ``trial`` exported as ``autodecomp export`` does (NaN: no trial)."""
-    if trial is None:
-        return float("nan")
-    path = folder / f"{cfg.name}-{trial.number}.pt"
+@dataclasses.dataclass(frozen=True)
+class Pick:
+    """One arm's model at one budget: the exported trial and its test accuracy."""
+
+    trial: FrozenTrial | None
+    test: float
+    shortlist: tuple[int, ...] = ()
+
+
+def _exported(
+    cfg: StudyConfig, ranked: list[FrozenTrial], folder: Path, epochs: int, shortlist: int
+) -> Pick:
+    """``autodecomp export --best [--shortlist K]`` of the ``ranked`` trials: the first, or
+    the most accurate on validation after the fine-tune of the first ``shortlist``."""
+    if not ranked:
+        return Pick(None, float("nan"))
+    numbers = [t.number for t in ranked[:shortlist]]
+    path = folder / f"{cfg.name}-{numbers[0]}.pt"
     if path.exists():
         path.unlink()
-    out = export_trial(cfg, trial.number, path, finetune_epochs=epochs)
-    return float(out.meta["metrics"]["test_accuracy"])
+    out = export_trial(cfg, numbers if len(numbers) > 1 else numbers[0], path,
+                       finetune_epochs=epochs)  # fmt: skip
+    kept = next(t for t in ranked if t.number == out.meta["source"]["trial"])
+    listed = tuple(numbers) if len(numbers) > 1 else ()
+    return Pick(kept, float(out.meta["metrics"]["test_accuracy"]), listed)
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -161,17 +182,31 @@ def _one_seed(
     baseline = load_baseline(
         configs["uniform"], prepared["uniform"].model, prepared["uniform"].splits
     )
-    rows: list[dict[str, Any]] = []
     runs = {
         "search": _run_arm(
             configs["search"], prepared["search"], baseline, args.budgets, args.seconds,
             rounds=1 if args.uniform_arms else 0, ladder=True,
         ),
-        "uniform": _run_arm(
-            configs["uniform"], prepared["uniform"], baseline, args.budgets, args.seconds,
-            rounds=None, ladder=False,
-        ),
     }  # fmt: skip
+    picks: dict[str, dict[float, Pick]] = {"search": {}, "uniform": {}}
+    start = time.process_time()
+    for budget in args.budgets:  # the search's shortlist fine-tunes count against its seconds
+        ranked = _ranked_under(runs["search"][0], configs["search"], budget)
+        picks["search"][budget] = _exported(
+            configs["search"], ranked, folder, args.finetune_epochs, args.shortlist
+        )
+    shortlisting = time.process_time() - start if args.shortlist > 1 else 0.0
+    search, spent = runs["search"]
+    runs["search"] = search, spent + shortlisting
+    runs["uniform"] = _run_arm(
+        configs["uniform"], prepared["uniform"], baseline, args.budgets,
+        args.seconds + shortlisting, rounds=None, ladder=False,
+    )  # fmt: skip
+    for budget in args.budgets:
+        ranked = _ranked_under(runs["uniform"][0], configs["uniform"], budget)
+        picks["uniform"][budget] = _exported(
+            configs["uniform"], ranked, folder, args.finetune_epochs, 1
+        )
     cfg = configs["search"]
     accuracy = cfg.objectives.index("accuracy")
     info = {arm: {**_counts(s), "hv": hypervolume(s), "s": sec} for arm, (s, sec) in runs.items()}
@@ -181,27 +216,43 @@ def _one_seed(
             f"{arm} {i['trials']} trials ({i['rung_pruned']} pruned at a rung), "
             f"HV {i['hv']:.4f}, {i['s']:.0f} s"
             for arm, i in info.items()
-        ),
+        )
+        + (f" (shortlists {shortlisting:.0f} s)" if shortlisting else ""),
         flush=True,
     )
+    rows: list[dict[str, Any]] = []
     for budget in args.budgets:
         row: dict[str, Any] = {"seed": seed, "budget": budget}
-        for arm, (study, _) in runs.items():
-            best = _best_under(study, configs[arm], budget)
-            row[f"{arm}_test"] = _exported(configs[arm], best, folder, args.finetune_epochs)
+        for arm in runs:
+            pick = picks[arm][budget]
+            best = pick.trial
+            row[f"{arm}_test"] = pick.test
             row[f"{arm}_val"] = float("nan") if best is None else best.values[accuracy]
             row[f"{arm}_macs"] = float("nan") if best is None else best.user_attrs["macs_ratio"]
             row[f"{arm}_pick"] = "-" if best is None else _label(best)
+            row[f"{arm}_shortlist"] = " ".join(f"#{n}" for n in pick.shortlist)
             row[f"{arm}_s"] = info[arm]["s"]
             row[f"{arm}_trials"] = info[arm]["trials"]
             row[f"{arm}_hv"] = info[arm]["hv"]
         row["margin"] = row["search_test"] - row["uniform_test"]
+        if args.shortlist > 1:  # the same search's pick without the shortlist (not timed)
+            ranked = _ranked_under(runs["search"][0], configs["search"], budget)
+            row["top1_test"] = _exported(
+                configs["search"], ranked, folder, args.finetune_epochs, 1
+            ).test
         rows.append(row)
+        listed = f" of {row['search_shortlist']}" if row["search_shortlist"] else ""
         print(
             f"  budget {budget:.0%}: search test {row['search_test']:.4f} (val "
-            f"{row['search_val']:.4f}, MACs {row['search_macs']:.3f}, {row['search_pick']}) | "
-            f"uniform test {row['uniform_test']:.4f} (val {row['uniform_val']:.4f}, MACs "
-            f"{row['uniform_macs']:.3f}, {row['uniform_pick']}) | margin {row['margin']:+.4f}",
+            f"{row['search_val']:.4f}, MACs {row['search_macs']:.3f}, {row['search_pick']}"
+            f"{listed}) | uniform test {row['uniform_test']:.4f} (val {row['uniform_val']:.4f}, "
+            f"MACs {row['uniform_macs']:.3f}, {row['uniform_pick']}) | margin "
+            f"{row['margin']:+.4f}"
+            + (
+                f" | search without the shortlist {row['top1_test']:.4f}"
+                if "top1_test" in row
+                else ""
+            ),
             flush=True,
         )
     return rows
@@ -215,7 +266,8 @@ def _label(trial: FrozenTrial) -> str:
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per budget: seeds, share of seeds search >= uniform on test accuracy, mean margin,
-    mean test accuracies, mean wall-clock of each arm, mean hypervolumes."""
+    mean test accuracies, mean wall-clock of each arm, mean hypervolumes; with a shortlist,
+    the share and margin the search's first pick alone would have had."""
     both = frame.dropna(subset=["search_test", "uniform_test"])
     rows = []
     for budget, part in both.groupby("budget"):
@@ -231,6 +283,10 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
             "search HV": f"{part.search_hv.mean():.4f}",
             "uniform HV": f"{part.uniform_hv.mean():.4f}",
         })  # fmt: skip
+        if "top1_test" in part:  # the search's own pick without the shortlist
+            top1 = part.top1_test - part.uniform_test
+            rows[-1] |= {"no shortlist >= uniform": f"{(top1 >= 0).mean():.0%}",
+                         "no shortlist margin": f"{top1.mean():+.4f}"}  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -243,6 +299,13 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4])
     parser.add_argument("--seconds", type=float, default=60.0, help="CPU seconds of each arm")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="as autodecomp export's")
+    parser.add_argument(
+        "--shortlist",
+        type=int,
+        default=1,
+        help="the search arm exports as `autodecomp export --best --shortlist K` does; the "
+        "shortlist's fine-tunes count against its seconds (the sweep gets as many more)",
+    )
     parser.add_argument(
         "--no-uniform-arms",
         dest="uniform_arms",
@@ -277,7 +340,7 @@ def main() -> None:
         f"{' '.join(map(str, seeds))} (repeat with --seed-list); budgets {args.budgets}; "
         f"{args.seconds:.0f} s per arm; sampler {cfg.sampler.name}, pruner "
         f"{cfg.sampler.pruner}; proxy {cfg.proxy.steps} steps; export fine-tune "
-        f"{args.finetune_epochs} epochs",
+        f"{args.finetune_epochs} epochs; search shortlist {args.shortlist}",
         flush=True,
     )
     rows = []

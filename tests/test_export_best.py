@@ -10,9 +10,11 @@ from tiny_study import make_study
 
 from autodecomp.cli import main
 from autodecomp.config import load_config
-from autodecomp.results.queries import best_trial
+from autodecomp.core.errors import ConfigError
+from autodecomp.results.queries import best_trial, ranked_trials
 from autodecomp.results.study_view import read_study
 from autodecomp.ship import model_file
+from autodecomp.ship.export import export_trial
 
 STUDY = {
     "model": "digits_cnn",
@@ -114,3 +116,68 @@ def test_best_and_trial_exclude_each_other(searched, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "autodecomp: error: --max-drop, --max-macs and --max-params go with --best, not --trial"
     )
+
+
+def test_shortlist_keeps_the_candidate_best_on_validation_after_the_finetune(searched, tmp_path):
+    """Each candidate is fine-tuned exactly as a lone export of it; the kept one is the most
+    accurate on validation afterwards, and the file lists all of them in the query's order."""
+    cfg = load_config(searched)
+    ranked = [
+        int(n) for n in ranked_trials(read_study(cfg.storage, cfg.name), max_macs="0.9x")["number"]
+    ]
+    assert len(ranked) == 3
+    out = tmp_path / "short.pt"
+    argv = ["export", str(searched), "--best", "--max-macs", "0.9x", "--shortlist", "3"]
+    assert main([*argv, "--finetune-epochs", "1", "-o", str(out)]) == 0
+    meta = model_file.read_metadata(out)
+    listed = meta["source"]["shortlist"]
+    assert [c["trial"] for c in listed] == ranked
+    alone = {n: export_trial(cfg, n, tmp_path / f"{n}.pt", finetune_epochs=1).meta for n in ranked}
+    for candidate in listed:
+        metrics = alone[candidate["trial"]]["metrics"]
+        assert candidate["val_accuracy"] == metrics["val_accuracy"]
+        assert candidate["search_val_accuracy"] == metrics["search_val_accuracy"]
+
+    def rank(n: int) -> tuple[float, int]:
+        return alone[n]["metrics"]["val_accuracy"], -alone[n]["metrics"]["macs"]
+
+    kept = max(ranked, key=rank)
+    assert meta["source"]["trial"] == kept
+    assert meta["metrics"] == alone[kept]["metrics"]
+    assert model_file.read_metadata(tmp_path / f"{kept}.pt")["plan"] == meta["plan"]
+    worst_first = sorted(ranked, key=rank)  # the kept one is last: not simply the first given
+    again = export_trial(cfg, worst_first, tmp_path / "again.pt", finetune_epochs=1).meta
+    assert again["source"]["trial"] == kept
+    assert [c["trial"] for c in again["source"]["shortlist"]] == worst_first
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trial", "0", "--shortlist", "2"], "--shortlist goes with --best, not --trial"),
+        (
+            ["--best", "--shortlist", "2"],
+            "--shortlist needs --finetune-epochs >= 1: without more epochs every candidate's "
+            "validation accuracy is the search's, so --best already picks",
+        ),
+        (
+            ["--best", "--shortlist", "0", "--finetune-epochs", "1"],
+            "--shortlist must be >= 1, got 0",
+        ),
+        (
+            ["--best", "--max-drop", "1%", "--shortlist", "2", "--finetune-epochs", "1"],
+            "--shortlist ranks by accuracy under --max-macs / --max-params; it does not go with "
+            "--max-drop (which picks the smallest trial within the drop)",
+        ),
+    ],
+)
+def test_shortlist_misuse_is_one_line(searched, tmp_path, capsys, extra, message):
+    out = tmp_path / "model.pt"
+    assert main(["export", str(searched), *extra, "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"autodecomp: error: {message}"
+    assert not out.exists()
+
+
+def test_an_empty_shortlist_is_refused(searched, tmp_path):
+    with pytest.raises(ConfigError, match="export needs a trial number; got an empty shortlist"):
+        export_trial(load_config(searched), [], tmp_path / "m.pt")

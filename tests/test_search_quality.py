@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import optuna
 import pandas as pd
 
 from autodecomp.search.allocate import Rung
@@ -40,11 +42,13 @@ def test_all_rounds_sweep_every_plan_under_the_levels_once():
 
 
 def _bench():
-    path = Path(__file__).parents[1] / "bench" / "search_quality.py"
-    spec = importlib.util.spec_from_file_location("search_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/search_quality.py as a module (registered: its dataclasses look themselves up)."""
+    if "search_quality" not in sys.modules:
+        path = Path(__file__).parents[1] / "bench" / "search_quality.py"
+        spec = importlib.util.spec_from_file_location("search_quality", path)
+        sys.modules["search_quality"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["search_quality"])
+    return sys.modules["search_quality"]
 
 
 def test_summary_counts_ties_as_wins_and_averages_margins():
@@ -64,3 +68,35 @@ def test_summary_counts_ties_as_wins_and_averages_margins():
     assert table.loc["40%", "search >= uniform"] == "50%"
     assert table.loc["40%", "mean margin"] == "-0.0050"
     assert table.loc["40%", "search s"] == "60" and table.loc["40%", "uniform s"] == "58"
+
+
+def test_summary_compares_the_first_pick_alone_when_there_is_a_shortlist():
+    rows = pd.DataFrame({
+        "seed": [1, 2], "budget": [0.1, 0.1],
+        "search_test": [0.92, 0.90], "uniform_test": [0.91, 0.90], "top1_test": [0.89, 0.92],
+        "search_s": [60.0] * 2, "uniform_s": [60.0] * 2,
+        "search_hv": [0.8] * 2, "uniform_hv": [0.7] * 2,
+    })  # fmt: skip
+    rows["margin"] = rows.search_test - rows.uniform_test
+    table = _bench().summary(rows).set_index("budget")
+    assert table.loc["10%", "mean margin"] == "+0.0050"
+    assert table.loc["10%", "no shortlist >= uniform"] == "50%"  # 0.89 < 0.91, 0.92 >= 0.90
+    assert table.loc["10%", "no shortlist margin"] == "+0.0000"  # (-0.02 + 0.02) / 2
+
+
+def test_the_bench_ranks_trials_under_a_budget_as_export_best_does():
+    """Most accurate first, then fewer MACs, then the earlier trial; over-budget and
+    dearer trials left out."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for accuracy, macs, ratio, over in [
+        (0.9, 50, 0.05, False), (0.95, 90, 0.09, False), (0.95, 80, 0.08, False),
+        (0.99, 150, 0.15, False), (0.97, 60, 0.06, True), (0.95, 80, 0.08, False),
+    ]:  # fmt: skip
+        trial = optuna.trial.create_trial(
+            values=[accuracy, macs],
+            user_attrs={"macs": macs, "macs_ratio": ratio, "over_budget": over},
+        )
+        study.add_trial(trial)
+    cfg = type("Cfg", (), {"objectives": ["accuracy", "macs"]})()
+    ranked = _bench()._ranked_under(study, cfg, 0.1)
+    assert [t.number for t in ranked] == [2, 5, 1, 0]

@@ -23,7 +23,7 @@ from .front import enrich
 from .study_view import study_baseline, usable
 from .tables import trials_frame
 
-__all__ = ["DEFAULT_QUERIES", "best_trial", "parse_drop", "query_text"]
+__all__ = ["DEFAULT_QUERIES", "best_trial", "parse_drop", "query_text", "ranked_trials"]
 
 # What a report answers when it is asked nothing.
 DEFAULT_QUERIES = (
@@ -56,6 +56,41 @@ def _limit(value: float | str | None, baseline: float, name: str) -> float | Non
     return None if budget is None else absolute_limit(budget, baseline)
 
 
+def ranked_trials(
+    study: optuna.Study,
+    *,
+    max_macs: float | str | None = None,
+    max_params: float | str | None = None,
+    max_drop: float | str | None = None,
+) -> pd.DataFrame:
+    """Every usable trial within the given limits, best first (the order of :func:`best_trial`),
+    in the form of :func:`~.front.front_frame`.
+
+    Raises:
+        ConfigError: a limit in none of the accepted forms.
+    """
+    base = study_baseline(study)
+    macs = _limit(max_macs, base["macs"], "max_macs")
+    params = _limit(max_params, base["params"], "max_params")
+    drop = parse_drop(max_drop)
+    usable_numbers = [t.number for t in study.get_trials(deepcopy=False) if usable(t)]
+    frame = trials_frame(study)
+    frame = enrich(frame[frame["number"].isin(usable_numbers)] if len(frame) else frame, study)
+    keep = pd.Series(True, index=frame.index)
+    if macs is not None:
+        keep &= frame["macs"].astype(float) <= macs
+    if params is not None:
+        keep &= frame["params"].astype(float) <= params
+    if drop is not None:
+        keep &= frame["accuracy_drop"].astype(float) <= drop + 1e-12
+    frame = frame[keep].astype({"accuracy": float, "macs": float, "params": float})
+    if drop is None:
+        order, ascending = ["accuracy", "macs", "params", "number"], [False, True, True, True]
+    else:
+        order, ascending = ["macs", "params", "accuracy", "number"], [True, True, False, True]
+    return frame.sort_values(order, ascending=ascending)
+
+
 def best_trial(
     study: optuna.Study,
     *,
@@ -78,31 +113,14 @@ def best_trial(
     Raises:
         ConfigError: a limit in none of the accepted forms.
     """
-    base = study_baseline(study)
-    macs = _limit(max_macs, base["macs"], "max_macs")
-    params = _limit(max_params, base["params"], "max_params")
-    drop = parse_drop(max_drop)
-    candidates = {t.number: t for t in study.get_trials(deepcopy=False) if usable(t)}
-    frame = trials_frame(study)
-    frame = enrich(frame[frame["number"].isin(list(candidates))] if len(frame) else frame, study)
-    keep = pd.Series(True, index=frame.index)
-    if macs is not None:
-        keep &= frame["macs"].astype(float) <= macs
-    if params is not None:
-        keep &= frame["params"].astype(float) <= params
-    if drop is not None:
-        keep &= frame["accuracy_drop"].astype(float) <= drop + 1e-12
-    frame = frame[keep].astype({"accuracy": float, "macs": float, "params": float})
+    frame = ranked_trials(study, max_macs=max_macs, max_params=max_params, max_drop=max_drop)
     if frame.empty:
         return None
-    if drop is None:
-        order, ascending = ["accuracy", "macs", "params", "number"], [False, True, True, True]
-    else:
-        order, ascending = ["macs", "params", "accuracy", "number"], [True, True, False, True]
-    row = frame.sort_values(order, ascending=ascending).iloc[0].copy()
+    row = frame.iloc[0].copy()
     number = int(row["number"])
     row["on_front"] = number in {t.number for t in study.best_trials}
-    row["plan"] = json.dumps(candidates[number].user_attrs.get("plan"), sort_keys=True)
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    row["plan"] = json.dumps(trial.user_attrs.get("plan"), sort_keys=True)
     return row
 
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from ..core.errors import ConfigError
 from ..core.files import atomic_write
 from ..decompositions import get_method
 from ..measure.cost import count_macs, count_params
-from ..results.queries import best_trial, query_text
+from ..results.queries import best_trial, query_text, ranked_trials
 from ..results.study_view import read_study
 from ..search.baseline import cache_paths, load_baseline
 from ..search.objective import data_init_stats
@@ -218,46 +218,19 @@ def _finetune(
     return done, proxy
 
 
-def export_trial(
-    cfg: Any,
-    trial: int,
-    output: str | os.PathLike[str] | None = None,
-    *,
-    finetune_epochs: int = 0,
-    lr: float | None = None,
-    fmt: str = "torch",
-    polish: bool | None = None,
-) -> Exported:
-    """Rebuild trial ``trial`` of a study from its plan and cached baseline, fine-tune it by
-    distillation, evaluate it on the validation and test splits, and save it.
+@dataclass(frozen=True)
+class _Source:
+    """What every exported candidate of one study shares: its stored trials, data and baseline."""
 
-    Args:
-        cfg: the study's :class:`~autodecomp.config.StudyConfig` (storage, name, data, ...).
-        trial: a COMPLETE trial's number.
-        output: the file (default ``<study folder>/export/trial-<N>`` + format suffix).
-        finetune_epochs: after replaying the search's proxy fine-tune (BN recalibration and
-            ``proxy.steps`` distillation steps with the trial's seeds, which reproduces the
-            study's validation accuracy on the same device), distil for this many more passes
-            over the training split (a fresh cosine schedule).
-        lr: peak learning rate of those epochs (default ``proxy.lr``).
-        fmt: ``"torch"``, ``"torch-export"`` or ``"onnx"``.
-        polish: refit the search-precision factors at full precision before the fine-tune
-            (:func:`polished_plan`); ``None``: when ``finetune_epochs`` > 0. Without it the
-            model is exactly the trial's.
+    study: Any
+    splits: DataSplits
+    baseline: Any
+    val: DataLoader
+    test: DataLoader
 
-    Returns:
-        The file, its metadata (everything but the state dict) and the model.
 
-    Raises:
-        ConfigError: unknown trial or format, missing ONNX packages, no cached baseline.
-    """
-    _check_format(fmt)
-    if finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
-    path = Path(output) if output else cfg.folder / "export" / f"trial-{trial}{FORMATS[fmt]}"
-    _check_output(path)
+def _open(cfg: Any) -> _Source:
     study = read_study(cfg.storage, cfg.name)
-    frozen = _trial(study, trial)
     _check_config(study, cfg)
     cached = cfg.baseline.checkpoint or cache_paths(cfg)[0]
     if not Path(cached).exists():
@@ -266,20 +239,27 @@ def export_trial(
         )
     prepared = prepare(cfg)
     baseline = load_baseline(cfg, prepared.model, prepared.splits, may_train=False)
-    plan = frozen.user_attrs["plan"]
-    if frozen.user_attrs.get("over_budget"):
-        _log.info(f"note: trial {trial} is over the study's budget (the search did not train it)")
-    data_init = data_init_layers(plan)
-    stats = data_init_stats(cfg, baseline.model, prepared.splits, data_init) if data_init else None
-    polish = finetune_epochs > 0 if polish is None else polish
-    built = polished_plan(plan) if polish else plan
-    model = apply_plan(baseline.model, built, calibration=stats)
-    _log.info(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
     evaluate = cfg.proxy.eval_batch_size
     val = make_loader(prepared.splits.val, batch_size=evaluate, shuffle=False)
     test = make_loader(prepared.splits.test, batch_size=evaluate, shuffle=False)
+    return _Source(study, prepared.splits, baseline, val, test)
+
+
+def _rebuild(
+    cfg: Any, source: _Source, frozen: Any, finetune_epochs: int, lr: float | None, polish: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Trial ``frozen``'s model, fine-tuned and evaluated (CPU, eval mode), and its metadata."""
+    trial, plan = frozen.number, frozen.user_attrs["plan"]
+    if frozen.user_attrs.get("over_budget"):
+        _log.info(f"note: trial {trial} is over the study's budget (the search did not train it)")
+    data_init = data_init_layers(plan)
+    baseline = source.baseline
+    stats = data_init_stats(cfg, baseline.model, source.splits, data_init) if data_init else None
+    built = polished_plan(plan) if polish else plan
+    model = apply_plan(baseline.model, built, calibration=stats)
+    _log.info(f"trial {trial}: replaying the proxy fine-tune, then {finetune_epochs} more epochs")
     finetune, proxy = _finetune(
-        cfg, model, baseline.model, prepared.splits, val, trial, finetune_epochs, lr
+        cfg, model, baseline.model, source.splits, source.val, trial, finetune_epochs, lr
     )
     if built != plan:
         finetune["polish"] = True  # recorded only when done: other files keep their form
@@ -295,18 +275,19 @@ def export_trial(
             f"{proxy.accuracy:.4f}, the search recorded {searched:.4f} (another device, "
             "thread count or library version?)"
         )
+    evaluated = finetune["steps"]
     metrics = {
         "val_accuracy": (
-            train.evaluate(model, val, device=cfg.device) if finetune["steps"] else proxy.accuracy
+            train.evaluate(model, source.val, device=cfg.device) if evaluated else proxy.accuracy
         ),
-        "test_accuracy": train.evaluate(model, test, device=cfg.device),
+        "test_accuracy": train.evaluate(model, source.test, device=cfg.device),
         "search_val_accuracy": searched,
         "proxy_val_accuracy": proxy.accuracy,
     }
     model = model.cpu().eval()
     shape = list(baseline.input_shape)
     metrics |= {"macs": count_macs(model, shape), "params": count_params(model)}
-    stored = study.user_attrs["baseline"]
+    stored = source.study.user_attrs["baseline"]
     metrics |= {"baseline": {k: stored[k] for k in ("accuracy", "macs", "params")}}
     if (metrics["macs"], metrics["params"]) != (frozen.user_attrs.get("macs"),
                                                 frozen.user_attrs.get("params")):  # fmt: skip
@@ -315,7 +296,7 @@ def export_trial(
         "model": {
             "name": cfg.model.name,
             "kwargs": dict(cfg.model.kwargs),
-            "num_classes": prepared.splits.num_classes,
+            "num_classes": source.splits.num_classes,
             "in_channels": shape[0],
         },
         "plan": explicit_plan(model, built),
@@ -325,6 +306,86 @@ def export_trial(
         "source": {"study": cfg.name, "trial": trial, "finetune": finetune},
         "versions": versions(),
     }
+    return model, meta
+
+
+def _rank(meta: Mapping[str, Any]) -> tuple[float, int]:
+    """A shortlisted candidate's rank: validation accuracy after the fine-tune, then fewer MACs."""
+    return meta["metrics"]["val_accuracy"], -meta["metrics"]["macs"]
+
+
+def _shortlisted(candidates: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"trial {c['trial']} {c['val_accuracy']:.4f} (search {c['search_val_accuracy']:.4f})"
+        for c in candidates
+    )
+
+
+def export_trial(
+    cfg: Any,
+    trial: int | Sequence[int],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    finetune_epochs: int = 0,
+    lr: float | None = None,
+    fmt: str = "torch",
+    polish: bool | None = None,
+) -> Exported:
+    """Rebuild trial ``trial`` of a study from its plan and cached baseline, fine-tune it by
+    distillation, evaluate it on the validation and test splits, and save it.
+
+    Given several trial numbers (a shortlist, e.g. :func:`pick_best`'s), each is rebuilt and
+    fine-tuned the same way and the one most accurate on the validation split afterwards is
+    saved (ties: fewer MACs, then the earlier in the list); the file's ``source.shortlist``
+    lists every candidate's validation accuracy, after the fine-tune and in the search.
+
+    Args:
+        cfg: the study's :class:`~autodecomp.config.StudyConfig` (storage, name, data, ...).
+        trial: a COMPLETE trial's number, or several.
+        output: the file (default ``<study folder>/export/trial-<N>`` + format suffix, N the
+            first trial given).
+        finetune_epochs: after replaying the search's proxy fine-tune (BN recalibration and
+            ``proxy.steps`` distillation steps with the trial's seeds, which reproduces the
+            study's validation accuracy on the same device), distil for this many more passes
+            over the training split (a fresh cosine schedule).
+        lr: peak learning rate of those epochs (default ``proxy.lr``).
+        fmt: ``"torch"``, ``"torch-export"`` or ``"onnx"``.
+        polish: refit the search-precision factors at full precision before the fine-tune
+            (:func:`polished_plan`); ``None``: when ``finetune_epochs`` > 0. Without it the
+            model is exactly the trial's.
+
+    Returns:
+        The file, its metadata (everything but the state dict) and the model.
+
+    Raises:
+        ConfigError: unknown trial or format, missing ONNX packages, no cached baseline, no
+            trial given.
+    """
+    _check_format(fmt)
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    numbers = [trial] if isinstance(trial, int) else list(dict.fromkeys(trial))
+    if not numbers:
+        raise ConfigError("export needs a trial number; got an empty shortlist")
+    path = Path(output) if output else cfg.folder / "export" / f"trial-{numbers[0]}{FORMATS[fmt]}"
+    _check_output(path)
+    source = _open(cfg)
+    frozen = [_trial(source.study, n) for n in numbers]  # every number checked before work
+    polish = finetune_epochs > 0 if polish is None else polish
+    best: tuple[nn.Module, dict[str, Any]] | None = None
+    candidates = []
+    for one in frozen:
+        model, meta = _rebuild(cfg, source, one, finetune_epochs, lr, polish)
+        metrics = meta["metrics"]
+        candidates.append({"trial": one.number, "val_accuracy": metrics["val_accuracy"],
+                           "search_val_accuracy": metrics["search_val_accuracy"]})  # fmt: skip
+        if best is None or _rank(meta) > _rank(best[1]):
+            best = model, meta
+    assert best is not None
+    model, meta = best
+    if len(numbers) > 1:
+        meta["source"]["shortlist"] = candidates
+        _log.info(f"shortlist: {_shortlisted(candidates)}; kept trial {meta['source']['trial']}")
     meta = jsonable(meta)
     if fmt == "torch":
         save_model(model, path, meta)
@@ -332,6 +393,7 @@ def export_trial(
         _save_torch_export(model, path, meta)
     else:
         _save_onnx(model, path, meta)
+    metrics = meta["metrics"]
     _log.info(
         f"wrote {path}: test accuracy {metrics['test_accuracy']:.4f} (val "
         f"{metrics['val_accuracy']:.4f}), {metrics['macs']:,} MACs, {metrics['params']:,} params"
@@ -345,15 +407,26 @@ def pick_best(
     max_drop: float | str | None = None,
     max_macs: float | str | None = None,
     max_params: float | str | None = None,
-) -> int:
-    """The number of the study's best trial within the limits (those of ``autodecomp report``:
-    :func:`~autodecomp.results.queries.best_trial`); says which one it picked.
+    shortlist: int = 1,
+) -> list[int]:
+    """The numbers of the study's best trials within the limits (those of ``autodecomp
+    report``: :func:`~autodecomp.results.queries.best_trial` first), at most ``shortlist`` of
+    them; says which it picked.
 
     Raises:
-        ConfigError: a malformed limit, or no trial within them.
+        ConfigError: a malformed limit, no trial within them, a shortlist below 1, or a
+            shortlist with ``max_drop`` (that query ranks by size, a shortlist by accuracy).
     """
+    if shortlist < 1:
+        raise ConfigError(f"--shortlist must be >= 1, got {shortlist}")
+    if shortlist > 1 and max_drop is not None:
+        raise ConfigError(
+            "--shortlist ranks by accuracy under --max-macs / --max-params; it does not go "
+            "with --max-drop (which picks the smallest trial within the drop)"
+        )
     query = {"max_macs": max_macs, "max_params": max_params, "max_drop": max_drop}  # as report
-    row = best_trial(read_study(cfg.storage, cfg.name), **query)
+    study = read_study(cfg.storage, cfg.name)
+    row = best_trial(study, **query)
     asked = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in query.items() if v is not None)
     if row is None:
         raise ConfigError(
@@ -362,7 +435,10 @@ def pick_best(
         )
     text = query_text(query, row)
     _log.info(f"--best picked {text if asked else 'the most accurate' + text}")
-    return int(row["number"])
+    numbers = [int(n) for n in ranked_trials(study, **query)["number"][:shortlist]]
+    if shortlist > 1:
+        _log.info(f"--shortlist {shortlist}: trials {', '.join(map(str, numbers))}")
+    return numbers
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -379,6 +455,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     parser.add_argument("--max-drop", help="with --best: within this accuracy drop (0.01, 1%%)")
     parser.add_argument("--max-macs", help="with --best: MACs <= this (0.5, 50%%, 0.5x, 300k)")
     parser.add_argument("--max-params", help="with --best: params <= this")
+    parser.add_argument(
+        "--shortlist",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --best: fine-tune the K most accurate trials within the limits and keep the "
+        "one most accurate on validation afterwards (default 1; needs --finetune-epochs)",
+    )
     parser.add_argument(
         "--finetune-epochs",
         type=int,
@@ -415,12 +499,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
                   "max_params": args.max_params}  # fmt: skip
         if not args.best and any(v is not None for v in limits.values()):
             raise ConfigError("--max-drop, --max-macs and --max-params go with --best, not --trial")
+        if args.shortlist != 1 and not args.best:
+            raise ConfigError("--shortlist goes with --best, not --trial")
+        if args.shortlist > 1 and args.finetune_epochs < 1:
+            raise ConfigError(
+                "--shortlist needs --finetune-epochs >= 1: without more epochs every "
+                "candidate's validation accuracy is the search's, so --best already picks"
+            )
         cfg = load_config(args.study, overrides)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         export_trial(
             cfg,
-            pick_best(cfg, **limits) if args.best else args.trial,
+            pick_best(cfg, **limits, shortlist=args.shortlist) if args.best else args.trial,
             args.output,
             finetune_epochs=args.finetune_epochs,
             lr=args.lr,
