@@ -161,8 +161,7 @@ def _exported(
     path = folder / f"{cfg.name}-{numbers[0]}.pt"
     if path.exists():
         path.unlink()
-    out = export_trial(cfg, numbers if len(numbers) > 1 else numbers[0], path,
-                       finetune_epochs=epochs)  # fmt: skip
+    out = export_trial(cfg, numbers, path, finetune_epochs=epochs)
     kept = next(t for t in ranked if t.number == out.meta["source"]["trial"])
     listed = tuple(numbers) if len(numbers) > 1 else ()
     return Pick(kept, float(out.meta["metrics"]["test_accuracy"]), listed)
@@ -190,10 +189,10 @@ def _one_seed(
     }  # fmt: skip
     picks: dict[str, dict[float, Pick]] = {"search": {}, "uniform": {}}
     start = time.process_time()
+    searched = {b: _ranked_under(runs["search"][0], configs["search"], b) for b in args.budgets}
     for budget in args.budgets:  # the search's shortlist fine-tunes count against its seconds
-        ranked = _ranked_under(runs["search"][0], configs["search"], budget)
         picks["search"][budget] = _exported(
-            configs["search"], ranked, folder, args.finetune_epochs, args.shortlist
+            configs["search"], searched[budget], folder, args.finetune_epochs, args.shortlist
         )
     shortlisting = time.process_time() - start if args.shortlist > 1 else 0.0
     search, spent = runs["search"]
@@ -236,9 +235,8 @@ def _one_seed(
             row[f"{arm}_hv"] = info[arm]["hv"]
         row["margin"] = row["search_test"] - row["uniform_test"]
         if args.shortlist > 1:  # the same search's pick without the shortlist (not timed)
-            ranked = _ranked_under(runs["search"][0], configs["search"], budget)
             row["top1_test"] = _exported(
-                configs["search"], ranked, folder, args.finetune_epochs, 1
+                configs["search"], searched[budget], folder, args.finetune_epochs, 1
             ).test
         rows.append(row)
         listed = f" of {row['search_shortlist']}" if row["search_shortlist"] else ""

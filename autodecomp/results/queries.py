@@ -23,7 +23,9 @@ from .front import enrich
 from .study_view import study_baseline, usable
 from .tables import trials_frame
 
-__all__ = ["DEFAULT_QUERIES", "best_trial", "parse_drop", "query_text", "ranked_trials"]
+__all__ = [
+    "DEFAULT_QUERIES", "best_trial", "first_ranked", "parse_drop", "query_text", "ranked_trials",
+]  # fmt: skip
 
 # What a report answers when it is asked nothing.
 DEFAULT_QUERIES = (
@@ -113,10 +115,16 @@ def best_trial(
     Raises:
         ConfigError: a limit in none of the accepted forms.
     """
-    frame = ranked_trials(study, max_macs=max_macs, max_params=max_params, max_drop=max_drop)
-    if frame.empty:
+    return first_ranked(
+        study, ranked_trials(study, max_macs=max_macs, max_params=max_params, max_drop=max_drop)
+    )
+
+
+def first_ranked(study: optuna.Study, ranked: pd.DataFrame) -> pd.Series | None:
+    """:func:`best_trial`'s answer from :func:`ranked_trials`'s frame (``None``: empty)."""
+    if ranked.empty:
         return None
-    row = frame.iloc[0].copy()
+    row = ranked.iloc[0].copy()
     number = int(row["number"])
     row["on_front"] = number in {t.number for t in study.best_trials}
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)

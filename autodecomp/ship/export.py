@@ -41,7 +41,7 @@ from ..core.errors import ConfigError
 from ..core.files import atomic_write
 from ..decompositions import get_method
 from ..measure.cost import count_macs, count_params
-from ..results.queries import best_trial, query_text, ranked_trials
+from ..results.queries import first_ranked, query_text, ranked_trials
 from ..results.study_view import read_study
 from ..search.baseline import cache_paths, load_baseline
 from ..search.objective import data_init_stats
@@ -426,7 +426,8 @@ def pick_best(
         )
     query = {"max_macs": max_macs, "max_params": max_params, "max_drop": max_drop}  # as report
     study = read_study(cfg.storage, cfg.name)
-    row = best_trial(study, **query)
+    ranked = ranked_trials(study, **query)
+    row = first_ranked(study, ranked)
     asked = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in query.items() if v is not None)
     if row is None:
         raise ConfigError(
@@ -435,7 +436,7 @@ def pick_best(
         )
     text = query_text(query, row)
     _log.info(f"--best picked {text if asked else 'the most accurate' + text}")
-    numbers = [int(n) for n in ranked_trials(study, **query)["number"][:shortlist]]
+    numbers = [int(n) for n in ranked["number"][:shortlist]]
     if shortlist > 1:
         _log.info(f"--shortlist {shortlist}: trials {', '.join(map(str, numbers))}")
     return numbers
