@@ -235,9 +235,12 @@ def _one_seed(
             row[f"{arm}_hv"] = info[arm]["hv"]
         row["margin"] = row["search_test"] - row["uniform_test"]
         if args.shortlist > 1:  # the same search's pick without the shortlist (not timed)
-            row["top1_test"] = _exported(
-                configs["search"], searched[budget], folder, args.finetune_epochs, 1
-            ).test
+            kept, first = picks["search"][budget], searched[budget][:1]
+            row["top1_test"] = (
+                kept.test
+                if not first or (kept.trial is not None and kept.trial.number == first[0].number)
+                else _exported(configs["search"], first, folder, args.finetune_epochs, 1).test
+            )
         rows.append(row)
         listed = f" of {row['search_shortlist']}" if row["search_shortlist"] else ""
         print(
