@@ -5,10 +5,11 @@ equals the wall-clock of a one-thread run on an idle machine and does not depend
 else runs on a shared one; everything inside counts: building the objective and the
 allocation ladder, factorisations, over-budget draws; a trial that has started finishes):
 
-- **search**: the study's sampler and pruner (``sampler.pruner``) with the allocation ladder
-  (``initial_design``), after the uniform arms (with ``--uniform-arms``, the default):
-  every method's largest uniform plan under each budget
-  (:func:`~autodecomp.search.uniform_arms.uniform_arms`), enqueued first and never pruned;
+- **search**: the study as ``autodecomp search`` runs it with ``initial_design.uniform_at``
+  set to the budgets (``--no-uniform-arms``: empty): every method's largest uniform plan
+  under each budget first (:func:`~autodecomp.search.uniform_arms.budget_arms`, never
+  pruned), then the allocation ladder (``initial_design``), then the sampler and its pruner
+  (``sampler.pruner``);
 - **uniform**: the uniform sweep a user would run: round by round, for each budget and
   method, the next-dearest uniform plan under the budget, as many as fit in the seconds.
 
@@ -54,9 +55,9 @@ from autodecomp.results.front import hypervolume
 from autodecomp.search.allocate import Ladder, allocation_ladder
 from autodecomp.search.baseline import Baseline, load_baseline
 from autodecomp.search.objective import CATCH, Objective
-from autodecomp.search.space import KEEP
+from autodecomp.search.options import offered_methods
 from autodecomp.search.study import Prepared, make_sampler, prepare
-from autodecomp.search.uniform_arms import uniform_arms, uniform_tracks
+from autodecomp.search.uniform_arms import budget_arms, uniform_arms, uniform_tracks
 from autodecomp.ship.export import export_trial
 
 
@@ -95,23 +96,30 @@ def _run_arm(
     budgets: list[float],
     seconds: float,
     *,
-    rounds: int | None,
-    ladder: bool,
+    sweep: bool,
 ) -> tuple[optuna.Study, float]:
     """Run one arm for ``seconds`` of CPU time (the clock starts before the objective is
-    built); returns the study and the CPU seconds spent."""
+    built); returns the study and the CPU seconds spent. ``sweep``: every uniform plan under
+    the budgets, round by round, and nothing else; otherwise the study's search (its
+    ``initial_design.uniform_at`` arms first, then the allocation ladder and the sampler)."""
     start = time.process_time()
     objective = Objective(cfg, prepared.space, baseline, prepared.splits)
     study = _study(cfg, baseline)
-    offered = list(dict.fromkeys(m for l in prepared.space.layers for m in l.choices if m != KEEP))
-    candidates = uniform_tracks(
-        baseline.model, prepared.space, objective.cost, offered, objective.limits
-    )
-    arms = uniform_arms(candidates, budgets, rounds) if rounds != 0 else []
+    if sweep:
+        methods = offered_methods(prepared.space)
+        candidates = uniform_tracks(
+            baseline.model, prepared.space, objective.cost, methods, objective.limits
+        )
+        arms = uniform_arms(candidates, budgets, rounds=None)
+    else:
+        arms = budget_arms(
+            baseline.model, prepared.space, cfg.initial_design.uniform_at, objective.limits,
+            baseline.input_shape,
+        )  # fmt: skip
     for label, params in arms:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
     callbacks = []
-    if ladder and cfg.initial_design.plans > 0:
+    if not sweep and cfg.initial_design.plans > 0:
         rungs = allocation_ladder(
             cfg, prepared.space, baseline, prepared.splits, cfg.initial_design.grid
         )
@@ -124,7 +132,7 @@ def _run_arm(
         if time.process_time() - start >= seconds:
             study.stop()
 
-    trials = len(arms) if rounds is None else None  # the uniform sweep ends with its plans
+    trials = len(arms) if sweep else None  # the uniform sweep ends with its plans
     if time.process_time() - start < seconds:
         study.optimize(objective, trials, catch=CATCH, callbacks=[*callbacks, stop])
     return study, time.process_time() - start
@@ -184,7 +192,7 @@ def _one_seed(
     runs = {
         "search": _run_arm(
             configs["search"], prepared["search"], baseline, args.budgets, args.seconds,
-            rounds=1 if args.uniform_arms else 0, ladder=True,
+            sweep=False,
         ),
     }  # fmt: skip
     picks: dict[str, dict[float, Pick]] = {"search": {}, "uniform": {}}
@@ -199,7 +207,7 @@ def _one_seed(
     runs["search"] = search, spent + shortlisting
     runs["uniform"] = _run_arm(
         configs["uniform"], prepared["uniform"], baseline, args.budgets,
-        args.seconds + shortlisting, rounds=None, ladder=False,
+        args.seconds + shortlisting, sweep=True,
     )  # fmt: skip
     for budget in args.budgets:
         ranked = _ranked_under(runs["uniform"][0], configs["uniform"], budget)
@@ -329,8 +337,9 @@ def main() -> None:
     ]
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    arms = f"initial_design.uniform_at={list(args.budgets) if args.uniform_arms else []}"
     cfgs = {
-        "search": load_config(args.study, [*args.overrides, *args.search_overrides]),
+        "search": load_config(args.study, [*args.overrides, arms, *args.search_overrides]),
         "uniform": load_config(args.study, args.overrides),
     }
     cfg = cfgs["search"]

@@ -27,6 +27,7 @@ __all__ = [
     "at_least",
     "boolean",
     "budget",
+    "budgets",
     "choice",
     "device",
     "existing_path",
@@ -249,6 +250,15 @@ def table(value: Any, where: str, folder: Path | None = None) -> dict[str, Any]:
 def budget(value: Any, where: str, folder: Path | None = None) -> float | None:
     """A MAC / parameter budget (:func:`autodecomp.core.budget.parse_budget`), or ``None``."""
     return parse_budget(value, where)
+
+
+def budgets(value: Any, where: str, folder: Path | None = None) -> tuple[float, ...]:
+    """A list of MAC / parameter budgets (:func:`budget`; ``None``: empty), ascending, each once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        value = [value]
+    return tuple(sorted({parse_budget(v, where) for v in value}))
 
 
 def existing_path(value: Any, where: str, folder: Path | None = None) -> Path:

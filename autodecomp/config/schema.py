@@ -20,6 +20,7 @@ from ..measure.objectives import objective
 from .checks import (
     at_least,
     budget,
+    budgets,
     choice,
     existing_path,
     flag,
@@ -239,7 +240,10 @@ class InitialDesign:
     that layer replaced) or ``layer`` (the layer's relative output error); ``tracks``
     single-method uniform sweeps join the error front's plans, each probed once first;
     ``balanced`` adds the minimax-error plans (every layer its cheapest option under one
-    shared error cap, in the spirit of ALDS) as a track of their own.
+    shared error cap, in the spirit of ALDS) as a track of their own. ``uniform_at``: MAC
+    budgets (the ones the study's models will be exported at) where every offered method's
+    dearest uniform plan is enqueued before anything else
+    (:func:`~autodecomp.search.uniform_arms.budget_arms`).
     """
 
     plans: int = setting(0, check=at_least(0))
@@ -247,6 +251,7 @@ class InitialDesign:
     score: str = setting("network", check=choice(("network", "layer")))
     tracks: int = setting(0, check=at_least(0))
     balanced: bool = setting(False, check=flag)
+    uniform_at: tuple[float, ...] = setting((), check=budgets)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from .objective import Objective
 from .seeds import seed_each_trial, study_seeds
 from .space import SearchSpace, check_budgets, resolve_space, uniform_params
 from .storage import Heartbeat, check_storage, open_storage, setup_lock
+from .uniform_arms import budget_arms
 
 __all__ = [
     "COUNTED",
@@ -222,8 +223,9 @@ def open_study(
     study with an allocation ladder (``initial_design.plans``) gets its scoring units
     enqueued in a companion study first (:func:`~autodecomp.search.ladder_units.enqueue_units`;
     nothing is scored here): every process running its trials builds the ladder together
-    (:func:`build_ladder`), then climbs it. ``storage``: the opened ``cfg.storage``
-    (default: opened here, with the default heartbeat)."""
+    (:func:`build_ladder`), then climbs it. Enqueued first: the warm starts, then the uniform
+    arms at ``initial_design.uniform_at`` (:func:`budget_arms`). ``storage``: the opened
+    ``cfg.storage`` (default: opened here, with the default heartbeat)."""
     storage = storage or open_storage(cfg.storage)
     config = cfg.to_dict()
     if cfg.initial_design.plans > 0 and not _exists(storage, cfg.name):
@@ -254,8 +256,17 @@ def open_study(
     study.set_user_attr("baseline", baseline.info())
     study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
     study.set_user_attr("environment", {**environment(cfg.device), "seeds": study_seeds(cfg)})
+    arms = budget_arms(
+        baseline.model,
+        prepared.space,
+        cfg.initial_design.uniform_at,
+        cfg.budgets.limits(baseline.macs, baseline.params),
+        baseline.input_shape,
+    )
     for label, params in prepared.warm_starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
+    for label, params in arms:  # a plan already enqueued as a warm start runs once
+        study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
     return study
 
 

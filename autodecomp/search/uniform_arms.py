@@ -6,7 +6,8 @@ trial parameters: a search that enqueues them first (round 1) has, for each leve
 method's best-fitting uniform plan among its trials, so its best trial under the level is
 never below theirs on the search's own accuracy. More rounds add the next-dearest plans
 (round 2: the second-largest ratio under each level, ...): a uniform sweep as a user would
-run it, its most useful plans first.
+run it, its most useful plans first. :func:`budget_arms` is round 1 at a study's
+``initial_design.uniform_at`` budgets, enqueued when the study is created.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 from torch import nn
 
+from ..core.budget import absolute_limit
 from ..measure.plan_cost import PlanCost
 from .allocate import Rung, uniform_plans
+from .options import offered_methods
 from .space import SearchSpace
 
-__all__ = ["UniformArm", "uniform_arms", "uniform_tracks"]
+__all__ = ["UniformArm", "budget_arms", "uniform_arms", "uniform_tracks"]
 
 UniformArm = tuple[str, dict[str, Any]]  # (label, fixed trial parameters)
 
@@ -57,3 +60,20 @@ def uniform_arms(
                 seen.add((method, index))
                 out.append((f"uniform {method} @{plans[index].macs:.3f}", plans[index].params))
     return out
+
+
+def budget_arms(
+    model: nn.Module,
+    space: SearchSpace,
+    budgets: Sequence[float],
+    limits: Mapping[str, float],
+    input_shape: tuple[int, ...],
+) -> list[UniformArm]:
+    """Round 1 of :func:`uniform_arms` at MAC ``budgets`` (parsed: fractions <= 1 or counts),
+    for every method ``space`` offers, within the study's ``limits``: what
+    ``initial_design.uniform_at`` enqueues."""
+    if not budgets:
+        return []
+    cost = PlanCost(model, input_shape, space.names)
+    levels = [absolute_limit(b, cost.macs) / cost.macs for b in budgets]
+    return uniform_arms(uniform_tracks(model, space, cost, offered_methods(space), limits), levels)
