@@ -15,7 +15,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import FixedTrial
-from tiny_study import logged, make_study
+from tiny_study import logged, make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.compress.surgery import apply_plan
@@ -39,21 +39,13 @@ from autodecomp.search.proxies import Calibration, calibration_batch
 from autodecomp.search.space import SearchSpace, suggest_plan, uniform_params
 from autodecomp.search.study import prepare
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "tt"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
-    "budgets": {"max_macs": 0.7},
-    "trials": 4,
-    "threads": 1,
-    "initial_design": {"plans": 3, "grid": 5},
-}
+STUDY = tiny_config(
+    space={"methods": ["tucker", "tt"]},
+    proxy={"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
+    budgets={"max_macs": 0.7},
+    trials=4,
+    initial_design={"plans": 3, "grid": 5},
+)
 
 
 def _options(rng: random.Random, count: int) -> list[Option]:

@@ -30,19 +30,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.workload.models import get_model
 
-GOOD: dict[str, Any] = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 1, "lr": 0.05, "batch_size": 64},
-    "space": {"layers": {"exclude": ["conv1"]}, "methods": ["tucker"]},
-    "proxy": {"steps": 2, "batch_size": 32, "bn_batches": 1, "calibration_size": 8},
-    "trials": 1,
-    "threads": 1,
-}
+GOOD: dict[str, Any] = tiny_config(
+    baseline={"epochs": 1},
+    space={"methods": ["tucker"], "ratio": None},
+    proxy={"steps": 2, "batch_size": 32, "bn_batches": 1, "calibration_size": 8},
+    trials=1,
+)
 
 # User code the cases name as ``package.module:callable`` (on PYTHONPATH of the processes).
 USER_CODE = """

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import config_from_dict, load_config
@@ -37,21 +37,12 @@ from autodecomp.search.worker import TooManyFailures, run_trials
 from autodecomp.workload.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = {
-    "name": "tiny",
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker"],
-        "keep": False,
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 10, "batch_size": 32, "bn_batches": 1},  # every trial trains
-    "trials": 4,
-    "threads": 1,
-}
+STUDY = tiny_config(
+    name="tiny",
+    space={"methods": ["tucker"], "keep": False},
+    proxy={"steps": 10, "batch_size": 32, "bn_batches": 1},  # every trial trains
+    trials=4,
+)
 
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")

@@ -14,25 +14,18 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 pytest.importorskip("optuna_dashboard")
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 1, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker"],
-        "ratio": {"range": [0.1, 0.9]},
-    },
-    "proxy": {"steps": 2, "batch_size": 32, "bn_batches": 1},
-    "budgets": {"max_macs": 0.5, "max_params": 0.9},
-    "trials": 2,
-    "threads": 1,
-    "warm_start": [{"method": "keep"}, {"method": "tucker", "ratio": 0.15}],  # over, under
-}
+STUDY = tiny_config(
+    baseline={"epochs": 1},
+    space={"methods": ["tucker"], "ratio": {"range": [0.1, 0.9]}},
+    proxy={"steps": 2, "batch_size": 32, "bn_batches": 1},
+    budgets={"max_macs": 0.5, "max_params": 0.9},
+    trials=2,
+    warm_start=[{"method": "keep"}, {"method": "tucker", "ratio": 0.15}],  # over, under
+)
 WAIT_S = 30.0
 
 

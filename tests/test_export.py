@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.config import load_config
@@ -19,27 +19,20 @@ from autodecomp.results import report
 from autodecomp.ship import export, model_file
 from autodecomp.workload.models import get_model
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 3, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "shift", "gkpd"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 4, "batch_size": 32, "bn_batches": 1},
-    "budgets": {"max_macs": 0.9},
-    "trials": 3,
-    "threads": 1,
+STUDY = tiny_config(
+    baseline={"epochs": 3},
+    space={"methods": ["tucker", "shift", "gkpd"]},
+    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    budgets={"max_macs": 0.9},
+    trials=3,
     # one trial per method whose ratio resolves through the weights: the shift channels per
     # slice follow singular values, gkpd chooses its factor shapes
-    "warm_start": [
+    warm_start=[
         {"method": "shift", "ratio": 0.3},
         {"method": "gkpd", "ratio": 0.3},
         {"method": "tucker", "ratio": 0.3},
     ],
-}
+)
 SHAPE = (1, 8, 8)
 
 

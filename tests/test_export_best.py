@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import load_config
@@ -16,25 +16,18 @@ from autodecomp.results.study_view import read_study
 from autodecomp.ship import model_file
 from autodecomp.ship.export import export_trial
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 3, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 4, "batch_size": 32, "bn_batches": 1},
-    "budgets": {"max_macs": 0.9},
-    "trials": 3,
-    "threads": 1,
-    "warm_start": [
+STUDY = tiny_config(
+    baseline={"epochs": 3},
+    space={"methods": ["tucker"]},
+    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    budgets={"max_macs": 0.9},
+    trials=3,
+    warm_start=[
         {"method": "tucker", "ratio": 0.15},
         {"method": "tucker", "ratio": 0.4},
         {"method": "tucker", "ratio": 0.8},
     ],
-}
+)
 
 
 @pytest.fixture(scope="module")

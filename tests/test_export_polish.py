@@ -6,27 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.config import load_config
 from autodecomp.results.report import read_study
 from autodecomp.ship import export
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["cp", "pdp"],
-        "ratio": {"range": [0.1, 0.5], "log": True},
-    },
-    "proxy": {"steps": 4, "batch_size": 32, "bn_batches": 1, "floor_step": 2},
-    "trials": 2,
-    "threads": 1,
-    "warm_start": [{"method": "cp", "ratio": 0.3}, {"method": "pdp", "ratio": 0.2}],
-}
+STUDY = tiny_config(
+    space={"methods": ["cp", "pdp"], "ratio": {"range": [0.1, 0.5], "log": True}},
+    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1, "floor_step": 2},
+    trials=2,
+    warm_start=[{"method": "cp", "ratio": 0.3}, {"method": "pdp", "ratio": 0.2}],
+)
 
 
 @pytest.fixture(scope="module")

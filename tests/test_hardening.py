@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny_study import logged, make_study
+from tiny_study import logged, make_study, tiny_config
 from torch.utils.data import DataLoader, TensorDataset
 
 from autodecomp.config import load_config
@@ -23,14 +23,7 @@ from autodecomp.workload.datasets import UnreadableImageError
 from autodecomp.workload.models import get_model
 from autodecomp.workload.train import train_baseline
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 1, "lr": 0.05, "batch_size": 64},
-    "space": {"layers": {"exclude": ["conv1"]}, "methods": ["tucker"]},
-    "trials": 1,
-    "threads": 1,
-}
+STUDY = tiny_config(baseline={"epochs": 1}, space={"methods": ["tucker"], "ratio": None}, trials=1)
 
 
 def _baseline(path: Path, **kwargs):

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import load_config
@@ -37,22 +37,14 @@ from autodecomp.search.storage import Heartbeat, open_storage
 from autodecomp.search.study import prepare, run_search
 from autodecomp.search.worker import run_worker
 
-STUDY = {
-    "name": "tiny",
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "cp"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 16},
-    "budgets": {"max_macs": 0.8},
-    "trials": 2,
-    "threads": 1,
-    "initial_design": {"plans": 2, "grid": 3, "tracks": 1},
-}
+STUDY = tiny_config(
+    name="tiny",
+    space={"methods": ["tucker", "cp"]},
+    proxy={"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 16},
+    budgets={"max_macs": 0.8},
+    trials=2,
+    initial_design={"plans": 2, "grid": 3, "tracks": 1},
+)
 UNITS = 2 * 3 + 2  # (tucker, cp) x 3 grid ratios + one uniform unit per method
 
 

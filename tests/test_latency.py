@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from tiny_study import tiny_config
 from torch import nn
 
 from autodecomp.config import LatencyConfig, load_config
@@ -120,16 +121,12 @@ def test_bad_latency_config(tmp_path, extra, message):
 
 
 # ---- the objective ---------------------------------------------------------------------------
-TINY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 1, "lr": 0.05, "batch_size": 64},
-    "space": {"layers": {"exclude": ["conv1"]}, "methods": ["tucker"], "keep": False,
-              "ratio": {"range": [0.1, 0.5], "log": True}},
-    "proxy": {"steps": 2, "batch_size": 32, "bn_batches": 1, "calibration_size": 8},
-    "objectives": ["accuracy", "macs", "latency"],
-    "threads": 1,
-}  # fmt: skip
+TINY = tiny_config(
+    baseline={"epochs": 1},
+    space={"methods": ["tucker"], "keep": False, "ratio": {"range": [0.1, 0.5], "log": True}},
+    proxy={"steps": 2, "batch_size": 32, "bn_batches": 1, "calibration_size": 8},
+    objectives=["accuracy", "macs", "latency"],
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from tiny_study import tiny_config
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -172,19 +173,47 @@ def _study_with_proxies() -> optuna.Study:
     study.set_user_attr("baseline", {"accuracy": 0.95, "macs": 1000, "params": 100})
     study.add_trials(
         [
-            _frozen(TrialState.COMPLETE, 0.9, 10.0, kernel_error=0.1, pre_ft_accuracy=0.8,
-                    macs=100, params=10),
-            _frozen(TrialState.COMPLETE, 0.8, 12.0, kernel_error=0.3, pre_ft_accuracy=0.5,
-                    macs=100, params=10),
-            _frozen(TrialState.COMPLETE, 0.7, 14.0, kernel_error=0.2, pre_ft_accuracy=0.6,
-                    macs=100, params=10),
-            _frozen(TrialState.COMPLETE, 0.0, 1.0, kernel_error=0.0, over_budget=True,
-                    macs=2000, params=10),
+            _frozen(
+                TrialState.COMPLETE,
+                0.9,
+                10.0,
+                kernel_error=0.1,
+                pre_ft_accuracy=0.8,
+                macs=100,
+                params=10,
+            ),
+            _frozen(
+                TrialState.COMPLETE,
+                0.8,
+                12.0,
+                kernel_error=0.3,
+                pre_ft_accuracy=0.5,
+                macs=100,
+                params=10,
+            ),
+            _frozen(
+                TrialState.COMPLETE,
+                0.7,
+                14.0,
+                kernel_error=0.2,
+                pre_ft_accuracy=0.6,
+                macs=100,
+                params=10,
+            ),
+            _frozen(
+                TrialState.COMPLETE,
+                0.0,
+                1.0,
+                kernel_error=0.0,
+                over_budget=True,
+                macs=2000,
+                params=10,
+            ),
             _frozen(TrialState.PRUNED, None, 0.5, kernel_error=0.9, pruned_at="output_error"),
             _frozen(TrialState.PRUNED, None, 4.0, kernel_error=0.8, pruned_at="floor"),
             _frozen(TrialState.PRUNED, None, 3.0, kernel_error=0.8, pruned_at="floor"),
         ]
-    )  # fmt: skip
+    )
     return study
 
 
@@ -217,17 +246,18 @@ def test_report_writes_the_proxy_tables_and_section(tmp_path):
 
 
 # ---- the gate inside the objective -----------------------------------------------------------
-TINY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {"layers": {"exclude": ["conv1"]}, "methods": ["tucker"], "keep": False,
-              "ratio": {"range": [0.1, 0.5], "log": True}},
-    "proxy": {"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 16,
-              "floor_step": 2, "floor_batches": 1},
-    "trials": 3,
-    "threads": 1,
-}  # fmt: skip
+TINY = tiny_config(
+    space={"methods": ["tucker"], "keep": False, "ratio": {"range": [0.1, 0.5], "log": True}},
+    proxy={
+        "steps": 3,
+        "batch_size": 32,
+        "bn_batches": 1,
+        "calibration_size": 16,
+        "floor_step": 2,
+        "floor_batches": 1,
+    },
+    trials=3,
+)
 
 
 @pytest.fixture(scope="module")

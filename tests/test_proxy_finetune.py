@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -22,26 +22,19 @@ from autodecomp.workload.data import make_loader
 from autodecomp.workload.proxy import PHASES, proxy_finetune
 from autodecomp.workload.train import evaluate
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 3, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "shift"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
+STUDY = tiny_config(
+    baseline={"epochs": 3},
+    space={"methods": ["tucker", "shift"]},
     # the search evaluates the floor batches mid-distillation and scores a calibration batch
     # before it, export does neither: neither may change the fine-tuned model
-    "proxy": {"steps": 8, "batch_size": 32, "bn_batches": 2, "warmup_steps": 2, "floor_step": 4},
-    "trials": 3,
-    "threads": 1,
-    "warm_start": [
+    proxy={"steps": 8, "batch_size": 32, "bn_batches": 2, "warmup_steps": 2, "floor_step": 4},
+    trials=3,
+    warm_start=[
         {"method": "tucker", "ratio": 0.3},
         {"method": "shift", "ratio": 0.3},
         {"method": "tucker", "ratio": 0.15},
     ],
-}
+)
 
 
 @pytest.fixture(scope="module")

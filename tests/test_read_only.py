@@ -14,21 +14,18 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.results.study_view import read_study
 
-STUDY = {
-    "name": "tiny",
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 1, "lr": 0.05, "batch_size": 64},
-    "space": {"layers": {"exclude": ["conv1"]}, "methods": ["tucker"], "ratio": [0.1, 0.9]},
-    "proxy": {"steps": 2, "batch_size": 32, "bn_batches": 1},
-    "trials": 2,
-    "threads": 1,
-}
+STUDY = tiny_config(
+    name="tiny",
+    baseline={"epochs": 1},
+    space={"methods": ["tucker"], "ratio": [0.1, 0.9]},
+    proxy={"steps": 2, "batch_size": 32, "bn_batches": 1},
+    trials=2,
+)
 
 
 @pytest.fixture(scope="module")

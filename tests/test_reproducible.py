@@ -17,6 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from tiny_study import tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import SamplerConfig, config_from_dict, load_config
@@ -25,23 +26,18 @@ from autodecomp.search.seeds import seed_each_trial
 from autodecomp.search.study import make_sampler
 from autodecomp.workload.runtime import DETERMINISTIC_THREADS
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
+STUDY = tiny_config(
+    space={
         "methods": ["tucker"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
         # cp (CP-ALS: seeded random starts) on one layer only: the ladder tries every option
         "overrides": [{"layers": ["conv2"], "methods": ["tucker", "cp"]}],
     },
-    "proxy": {"steps": 10, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
-    "budgets": {"max_macs": 0.75},
-    "initial_design": {"plans": 2, "grid": 3},  # the ladder, then TPE's draws
-    "trials": 4,
-    # no `threads`: deterministic mode (on by default on the CPU) fixes the count
-}
+    proxy={"steps": 10, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
+    budgets={"max_macs": 0.75},
+    initial_design={"plans": 2, "grid": 3},  # the ladder, then TPE's draws
+    trials=4,
+    threads=None,  # deterministic mode (on by default on the CPU) fixes the count
+)
 TIMING = ("seconds",)  # columns that measure time, not results
 
 

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
@@ -20,22 +20,14 @@ from autodecomp.search.space import uniform_params
 from autodecomp.search.study import prepare
 from autodecomp.ship import export, model_file
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 3, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "tr"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-        "init": "data",
-    },
-    "proxy": {"steps": 0, "bn_batches": 1, "calibration_size": 64},
-    "budgets": {"max_macs": 0.9},
-    "trials": 2,
-    "threads": 1,
-    "warm_start": [{"method": "tucker", "ratio": 0.2}, {"method": "tr", "ratio": 0.2}],
-}
+STUDY = tiny_config(
+    baseline={"epochs": 3},
+    space={"methods": ["tucker", "tr"], "init": "data"},
+    proxy={"steps": 0, "bn_batches": 1, "calibration_size": 64},
+    budgets={"max_macs": 0.9},
+    trials=2,
+    warm_start=[{"method": "tucker", "ratio": 0.2}, {"method": "tr", "ratio": 0.2}],
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.cli import main
@@ -20,22 +20,15 @@ from autodecomp.search.baseline import cache_paths
 from autodecomp.search.study import COUNTED
 from autodecomp.workload.models import get_model
 
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 3, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 4, "batch_size": 32, "bn_batches": 1},
-    "budgets": {"max_macs": 0.5},
-    "trials": 6,
-    "threads": 1,
+STUDY = tiny_config(
+    baseline={"epochs": 3},
+    space={"methods": ["tucker"]},
+    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    budgets={"max_macs": 0.5},
+    trials=6,
     # the dense model is over budget; tucker at 15% is well within it
-    "warm_start": [{"method": "keep"}, {"method": "tucker", "ratio": 0.15}],
-}
+    warm_start=[{"method": "keep"}, {"method": "tucker", "ratio": 0.15}],
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,27 +17,18 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.core.optuna_compat import constraints, set_constraints
 from autodecomp.search.loop import COUNTED, run_trials
 from autodecomp.search.storage import Heartbeat, open_storage, trial_start_lock
 
-STUDY = {
-    "name": "tiny",
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker"],
-        "keep": False,
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 60, "batch_size": 32, "bn_batches": 1},  # a trial trains ~0.5 s
-    "trials": 4,
-    "threads": 1,
-}
+STUDY = tiny_config(
+    name="tiny",
+    space={"methods": ["tucker"], "keep": False},
+    proxy={"steps": 60, "batch_size": 32, "bn_batches": 1},  # a trial trains ~0.5 s
+    trials=4,
+)
 
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")

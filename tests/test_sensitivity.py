@@ -13,7 +13,7 @@ import pytest
 from matplotlib.image import imread
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import create_trial
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import load_config
@@ -147,20 +147,12 @@ def test_an_old_study_reports_without_a_table_and_says_how(tmp_path, capsys):
 
 
 # ---- real studies: the ladder stores its scores; `sensitivity` computes them -------------------
-STUDY = {
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
-        "methods": ["tucker", "tt"],
-        "ratio": {"range": [0.1, 0.9], "log": True},
-    },
-    "proxy": {"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
-    "trials": 2,
-    "threads": 1,
-    "initial_design": {"plans": 0, "grid": 3},  # no ladder
-}
+STUDY = tiny_config(
+    space={"methods": ["tucker", "tt"]},
+    proxy={"steps": 3, "batch_size": 32, "bn_batches": 1, "calibration_size": 32},
+    trials=2,
+    initial_design={"plans": 0, "grid": 3},  # no ladder
+)
 
 
 @pytest.fixture(scope="module")

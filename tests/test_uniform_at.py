@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from tiny_study import make_study
+from tiny_study import make_study, tiny_config
 
 from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
@@ -18,24 +18,19 @@ from autodecomp.search.baseline import load_baseline
 from autodecomp.search.study import prepare, run_search, setup_study
 from autodecomp.search.uniform_arms import budget_arms
 
-STUDY = {
-    "name": "tiny",
-    "model": "digits_cnn",
-    "data": {"name": "digits", "image_size": 8},
-    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
-    "space": {
-        "layers": {"exclude": ["conv1"]},
+STUDY = tiny_config(
+    name="tiny",
+    space={
         "methods": ["tucker", "tt"],
         "keep": False,
         "ratio": {"range": [0.05, 0.9], "log": True},
     },
-    "proxy": {"steps": 10, "batch_size": 32, "bn_batches": 1},
-    "budgets": {"max_macs": 0.6},
-    "initial_design": {"uniform_at": ["40%", 0.2, 0.9]},
-    "warm_start": [{"method": "tucker", "ratio": 0.05}],
-    "trials": 20,
-    "threads": 1,
-}
+    proxy={"steps": 10, "batch_size": 32, "bn_batches": 1},
+    budgets={"max_macs": 0.6},
+    initial_design={"uniform_at": ["40%", 0.2, 0.9]},
+    warm_start=[{"method": "tucker", "ratio": 0.05}],
+    trials=20,
+)
 
 pytestmark = pytest.mark.usefixtures("quiet_optuna")
 

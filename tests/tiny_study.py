@@ -1,7 +1,9 @@
-"""A tiny study folder for end-to-end tests: its ``study.yaml``, the baseline trained once."""
+"""A tiny study for end-to-end tests: its config (:func:`tiny_config`), its folder with the
+``study.yaml`` and the baseline trained once (:func:`make_study`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,29 @@ from autodecomp.config import load_config
 from autodecomp.results.tables import summarise_search
 from autodecomp.search.baseline import load_baseline
 from autodecomp.search.study import prepare, run_search
+
+TINY: dict[str, Any] = {
+    "model": "digits_cnn",
+    "data": {"name": "digits", "image_size": 8},
+    "baseline": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+    "space": {"layers": {"exclude": ["conv1"]}, "ratio": {"range": [0.1, 0.9], "log": True}},
+    "threads": 1,
+}
+
+
+def tiny_config(**changes: Any) -> dict[str, Any]:
+    """:data:`TINY` (digits_cnn on 8x8 digits, ``conv1`` left dense, log ratios 0.1-0.9, one
+    thread) with ``changes``: a mapping given for a section that is one updates its keys
+    (``None`` removes a key), anything else replaces the key (``None`` removes it)."""
+    out = copy.deepcopy(TINY)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = {k: v for k, v in {**out[key], **value}.items() if v is not None}
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def make_study(folder: Path, config: dict[str, Any], *, search: bool = False) -> Path:
