@@ -30,6 +30,7 @@ then per budget: the share of seeds where the search's test accuracy is >= the u
 sweep's, the mean margin, and each arm's wall-clock (``--markdown``: the table for the docs):
 
     python bench/search_quality.py --seeds 10 --seconds 60 --set sampler.pruner=successive_halving
+    python bench/search_quality.py --seeds 4 --jobs 2 --seconds 60   # two seeds at a time
     python bench/search_quality.py --seed-list 11 12 --budgets 0.1 0.2 --seconds 40
 """
 
@@ -38,9 +39,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import multiprocessing
 import random
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -217,16 +221,15 @@ def _one_seed(
     cfg = configs["search"]
     accuracy = cfg.objectives.index("accuracy")
     info = {arm: {**_counts(s), "hv": hypervolume(s), "s": sec} for arm, (s, sec) in runs.items()}
-    print(
+    lines = [  # printed together at the end: seeds run side by side with --jobs
         f"seed {seed}: baseline val accuracy {baseline.accuracy:.4f}; "
         + "; ".join(
             f"{arm} {i['trials']} trials ({i['rung_pruned']} pruned at a rung), "
             f"HV {i['hv']:.4f}, {i['s']:.0f} s"
             for arm, i in info.items()
         )
-        + (f" (shortlists {shortlisting:.0f} s)" if shortlisting else ""),
-        flush=True,
-    )
+        + (f" (shortlists {shortlisting:.0f} s)" if shortlisting else "")
+    ]
     rows: list[dict[str, Any]] = []
     for budget in args.budgets:
         row: dict[str, Any] = {"seed": seed, "budget": budget}
@@ -251,7 +254,7 @@ def _one_seed(
             )
         rows.append(row)
         listed = f" of {row['search_shortlist']}" if row["search_shortlist"] else ""
-        print(
+        lines.append(
             f"  budget {budget:.0%}: search test {row['search_test']:.4f} (val "
             f"{row['search_val']:.4f}, MACs {row['search_macs']:.3f}, {row['search_pick']}"
             f"{listed}) | uniform test {row['uniform_test']:.4f} (val {row['uniform_val']:.4f}, "
@@ -261,10 +264,20 @@ def _one_seed(
                 f" | search without the shortlist {row['top1_test']:.4f}"
                 if "top1_test" in row
                 else ""
-            ),
-            flush=True,
+            )
         )
+    print("\n".join(lines), flush=True)
     return rows
+
+
+def _seed_rows(
+    cfgs: dict[str, StudyConfig], seed: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """:func:`_one_seed` with one torch thread, in a temporary folder of its own."""
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _one_seed(cfgs, seed, args, Path(tmp))
 
 
 def _label(trial: FrozenTrial) -> str:
@@ -329,13 +342,19 @@ def main() -> None:
         default=[],
         help="KEY=VALUE for the search arm only (e.g. sampler.pruner=..., space.init=data)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds run side by side in this many processes (each one thread; CPU seconds "
+        "are per process, so a seed's arms get the same seconds either way)",
+    )
     parser.add_argument("--csv", help="also write the per-seed rows here")
     parser.add_argument("--markdown", action="store_true", help="print the summary as markdown")
     args = parser.parse_args()
     seeds = args.seed_list or [
         random.SystemRandom().randrange(1000, 10**6) for _ in range(args.seeds)
     ]
-    torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     arms = f"initial_design.uniform_at={list(args.budgets) if args.uniform_arms else []}"
     cfgs = {
@@ -354,9 +373,14 @@ def main() -> None:
         flush=True,
     )
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.jobs > 1:  # seeds side by side, one process (one torch thread) each
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            for part in pool.map(_seed_rows, repeat(cfgs), seeds, repeat(args)):
+                rows += part
+    else:
         for seed in seeds:
-            rows += _one_seed(cfgs, seed, args, Path(tmp))
+            rows += _seed_rows(cfgs, seed, args)
     frame = pd.DataFrame(rows)
     if args.csv:
         frame.to_csv(args.csv, index=False)
