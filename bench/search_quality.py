@@ -160,6 +160,7 @@ class Pick:
     trial: FrozenTrial | None
     test: float
     shortlist: tuple[int, ...] = ()
+    candidates: str = ""  # each candidate's validation accuracy after the fine-tune / in the search
 
 
 def _exported(
@@ -176,7 +177,11 @@ def _exported(
     out = export_trial(cfg, numbers, path, finetune_epochs=epochs)
     kept = next(t for t in ranked if t.number == out.meta["source"]["trial"])
     listed = tuple(numbers) if len(numbers) > 1 else ()
-    return Pick(kept, float(out.meta["metrics"]["test_accuracy"]), listed)
+    candidates = " ".join(
+        f"#{c['trial']}:{c['val_accuracy']:.4f}/{c['search_val_accuracy']:.4f}"
+        for c in out.meta["source"].get("shortlist", [])
+    )
+    return Pick(kept, float(out.meta["metrics"]["test_accuracy"]), listed, candidates)
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -241,6 +246,7 @@ def _one_seed(
             row[f"{arm}_macs"] = float("nan") if best is None else best.user_attrs["macs_ratio"]
             row[f"{arm}_pick"] = "-" if best is None else _label(best)
             row[f"{arm}_shortlist"] = " ".join(f"#{n}" for n in pick.shortlist)
+            row[f"{arm}_candidates"] = pick.candidates
             row[f"{arm}_s"] = info[arm]["s"]
             row[f"{arm}_trials"] = info[arm]["trials"]
             row[f"{arm}_hv"] = info[arm]["hv"]
