@@ -14,8 +14,7 @@ from autodecomp.config import load_config
 from autodecomp.core.errors import ConfigError
 from autodecomp.measure.plan_cost import PlanCost
 from autodecomp.search.allocate import uniform_candidates
-from autodecomp.search.baseline import load_baseline
-from autodecomp.search.study import prepare, run_search, setup_study
+from autodecomp.search.study import prepare_baseline, run_search, setup_study
 from autodecomp.search.uniform_arms import budget_arms
 
 STUDY = tiny_config(
@@ -58,8 +57,7 @@ def test_the_budgets_are_read_sorted_and_once(study_yaml):
 
 def test_each_method_s_dearest_uniform_plan_under_each_budget_is_enqueued(study_yaml):
     cfg = load_config(study_yaml)
-    prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits)
+    prepared, baseline = prepare_baseline(cfg)
     cost = PlanCost(baseline.model, baseline.input_shape, prepared.space.names)
     limits = {"macs": 0.6 * baseline.macs}
     expected = []
@@ -80,8 +78,7 @@ def test_each_method_s_dearest_uniform_plan_under_each_budget_is_enqueued(study_
 
 def test_a_plan_given_as_a_warm_start_runs_once(study_yaml, tmp_path):
     cfg = load_config(study_yaml)
-    prepared = prepare(cfg)
-    baseline = load_baseline(cfg, prepared.model, prepared.splits)
+    prepared, baseline = prepare_baseline(cfg)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
     arms = budget_arms(baseline.model, prepared.space, (0.2, 0.9), limits, baseline.input_shape)
     ratio = next(v for k, v in arms[0][1].items() if k.endswith("/ratio"))
