@@ -117,8 +117,8 @@ def _run_arm(
         arms = uniform_arms(candidates, budgets, rounds=None)
     else:
         arms = budget_arms(
-            baseline.model, prepared.space, cfg.initial_design.uniform_at, objective.limits,
-            baseline.input_shape,
+            baseline.model, prepared.space, objective.cost, cfg.initial_design.uniform_at,
+            objective.limits,
         )  # fmt: skip
     for label, params in arms:
         study.enqueue_trial(params, user_attrs={"warm_start": label})

@@ -80,7 +80,8 @@ def test_a_plan_given_as_a_warm_start_runs_once(study_yaml, tmp_path):
     cfg = load_config(study_yaml)
     prepared, baseline = prepare_baseline(cfg)
     limits = cfg.budgets.limits(baseline.macs, baseline.params)
-    arms = budget_arms(baseline.model, prepared.space, (0.2, 0.9), limits, baseline.input_shape)
+    cost = PlanCost(baseline.model, baseline.input_shape, prepared.space.names)
+    arms = budget_arms(baseline.model, prepared.space, cost, (0.2, 0.9), limits)
     ratio = next(v for k, v in arms[0][1].items() if k.endswith("/ratio"))
     assert arms[0][0].startswith("uniform tucker @")  # the Tucker-2 plan at 0.2 ...
     cfg = load_config(

@@ -41,6 +41,7 @@ from ..config.samplers import make_pruner
 from ..core.errors import ConfigError
 from ..core.optuna_compat import set_metric_names
 from ..factorize import default_cache
+from ..measure.plan_cost import PlanCost
 from ..workload import train
 from ..workload.data import DataSplits, load_data
 from ..workload.models import get_model
@@ -254,15 +255,15 @@ def open_study(
     study.set_user_attr("config", config)
     study.set_user_attr("folder", str(cfg.folder))
     study.set_user_attr("baseline", baseline.info())
-    study.set_user_attr("limits", cfg.budgets.limits(baseline.macs, baseline.params))
+    limits = cfg.budgets.limits(baseline.macs, baseline.params)
+    study.set_user_attr("limits", limits)
     study.set_user_attr("environment", {**environment(cfg.device), "seeds": study_seeds(cfg)})
-    arms = budget_arms(
-        baseline.model,
-        prepared.space,
-        cfg.initial_design.uniform_at,
-        cfg.budgets.limits(baseline.macs, baseline.params),
-        baseline.input_shape,
-    )
+    arms = []
+    if cfg.initial_design.uniform_at:
+        cost = PlanCost(baseline.model, baseline.input_shape, prepared.space.names)
+        arms = budget_arms(
+            baseline.model, prepared.space, cost, cfg.initial_design.uniform_at, limits
+        )
     for label, params in prepared.warm_starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label})
     for label, params in arms:  # a plan already enqueued as a warm start runs once

@@ -65,15 +65,14 @@ def uniform_arms(
 def budget_arms(
     model: nn.Module,
     space: SearchSpace,
+    cost: PlanCost,
     budgets: Sequence[float],
     limits: Mapping[str, float],
-    input_shape: tuple[int, ...],
 ) -> list[UniformArm]:
     """Round 1 of :func:`uniform_arms` at MAC ``budgets`` (parsed: fractions <= 1 or counts),
     for every method ``space`` offers, within the study's ``limits``: what
     ``initial_design.uniform_at`` enqueues."""
     if not budgets:
         return []
-    cost = PlanCost(model, input_shape, space.names)
     levels = [absolute_limit(b, cost.macs) / cost.macs for b in budgets]
     return uniform_arms(uniform_tracks(model, space, cost, offered_methods(space), limits), levels)
