@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_study import make_study, tiny_config
+from tiny_study import SHORT_PROXY, make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.config import load_config
@@ -22,7 +22,7 @@ from autodecomp.workload.models import get_model
 STUDY = tiny_config(
     baseline={"epochs": 3},
     space={"methods": ["tucker", "shift", "gkpd"]},
-    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    proxy=SHORT_PROXY,
     budgets={"max_macs": 0.9},
     trials=3,
     # one trial per method whose ratio resolves through the weights: the shift channels per

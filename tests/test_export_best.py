@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny_study import make_study, tiny_config
+from tiny_study import SHORT_PROXY, make_study, tiny_config
 
 from autodecomp.cli import main
 from autodecomp.config import load_config
@@ -19,7 +19,7 @@ from autodecomp.ship.export import export_trial
 STUDY = tiny_config(
     baseline={"epochs": 3},
     space={"methods": ["tucker"]},
-    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    proxy=SHORT_PROXY,
     budgets={"max_macs": 0.9},
     trials=3,
     warm_start=[

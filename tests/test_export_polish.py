@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from optuna.trial import TrialState
-from tiny_study import make_study, tiny_config
+from tiny_study import SHORT_PROXY, make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.config import load_config
@@ -15,7 +15,7 @@ from autodecomp.ship import export
 
 STUDY = tiny_config(
     space={"methods": ["cp", "pdp"], "ratio": {"range": [0.1, 0.5], "log": True}},
-    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1, "floor_step": 2},
+    proxy={**SHORT_PROXY, "floor_step": 2},
     trials=2,
     warm_start=[{"method": "cp", "ratio": 0.3}, {"method": "pdp", "ratio": 0.2}],
 )

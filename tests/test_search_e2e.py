@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from tiny_study import make_study, tiny_config
+from tiny_study import SHORT_PROXY, make_study, tiny_config
 
 import autodecomp as ad
 from autodecomp.cli import main
@@ -23,7 +23,7 @@ from autodecomp.workload.models import get_model
 STUDY = tiny_config(
     baseline={"epochs": 3},
     space={"methods": ["tucker"]},
-    proxy={"steps": 4, "batch_size": 32, "bn_batches": 1},
+    proxy=SHORT_PROXY,
     budgets={"max_macs": 0.5},
     trials=6,
     # the dense model is over budget; tucker at 15% is well within it

@@ -24,6 +24,8 @@ TINY: dict[str, Any] = {
     "space": {"layers": {"exclude": ["conv1"]}, "ratio": {"range": [0.1, 0.9], "log": True}},
     "threads": 1,
 }
+SHORT_PROXY: dict[str, Any] = {"steps": 4, "batch_size": 32, "bn_batches": 1}
+"""A proxy fine-tune of 4 steps: enough for a trial to train, short enough for a test."""
 
 
 def tiny_config(**changes: Any) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def tiny_config(**changes: Any) -> dict[str, Any]:
         if value is None:
             out.pop(key, None)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)  # callers' constants (SHORT_PROXY) stay untouched
     return out
 
 
