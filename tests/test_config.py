@@ -90,6 +90,29 @@ def test_shipped_space_loads_on_resnet20(path):
         assert set(layer.choices) - {"keep"} <= set(ad.supporting_methods(layer.spec))
 
 
+def test_resnet20_study_reaches_every_default_budget():
+    """The all-method space reaches 5 % of the dense MACs (the smallest default budget of
+    ``bench/search_quality.py``): its cheapest plan is 0.0335x, six methods have a uniform
+    plan under 0.05 and a study with ``budgets.max_macs: 0.05`` passes the budget check."""
+    from autodecomp.measure.cost import count_macs
+    from autodecomp.measure.plan_cost import PlanCost
+    from autodecomp.search.options import offered_methods
+    from autodecomp.search.space import cheapest_cost, check_budgets, resolve_space
+    from autodecomp.search.uniform_arms import uniform_tracks
+
+    cfg = load_config(ROOT / "studies/resnet20_digits/study.yaml", ["budgets.max_macs=0.05"])
+    shape = (3, 32, 32)
+    model = get_model("resnet20")
+    space = resolve_space(model, cfg.space, shape)
+    dense = count_macs(model, shape)
+    assert cheapest_cost(model, space, shape)["macs"] / dense == pytest.approx(0.03354, abs=1e-4)
+    check_budgets(model, space, cfg.budgets, shape)
+    cost = PlanCost(model, shape, space.names)
+    limits = {"macs": 0.05 * dense, "params": float("inf")}
+    tracks = uniform_tracks(model, space, cost, offered_methods(space), limits)
+    assert sorted(tracks) == ["cp", "gkpd", "pdp", "shift", "tr", "tucker"]
+
+
 def test_per_layer_overrides(tmp_path):
     from autodecomp.search.space import resolve_space
 
