@@ -27,7 +27,9 @@ A seed is the study's seed: data split, baseline (trained once per seed and cach
 study's ``cache/``), trial seeds and sampler seed. Seeds are drawn fresh unless given with
 ``--seed-list`` and are printed so a run can be repeated. Prints a row per seed and budget,
 then per budget: the share of seeds where the search's test accuracy is >= the uniform
-sweep's, the mean margin, and each arm's wall-clock (``--markdown``: the table for the docs):
+sweep's (an arm without a completed trial under the budget loses to one with a model; a
+seed where neither has one is left out), the mean margin, and each arm's wall-clock
+(``--markdown``: the table for the docs):
 
     python bench/search_quality.py --seeds 10 --seconds 60 --set sampler.pruner=successive_halving
     python bench/search_quality.py --seeds 4 --jobs 2 --seconds 60   # two seeds at a time
@@ -293,17 +295,23 @@ def _label(trial: FrozenTrial) -> str:
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: seeds, share of seeds search >= uniform on test accuracy, mean margin,
-    mean test accuracies, mean wall-clock of each arm, mean hypervolumes; with a shortlist,
-    the share and margin the search's first pick alone would have had."""
-    both = frame.dropna(subset=["search_test", "uniform_test"])
+    """Per budget: seeds (where either arm has a model under it), share of seeds search >=
+    uniform on test accuracy (an arm without a model under the budget loses to one with a
+    model: a user gets nothing there), mean margin where both have one, mean test
+    accuracies, mean wall-clock of each arm, mean hypervolumes; with a shortlist, the share
+    and margin the search's first pick alone would have had."""
     rows = []
-    for budget, part in both.groupby("budget"):
+    for budget, part in frame.dropna(subset=["search_test", "uniform_test"], how="all").groupby(
+        "budget"
+    ):
+        has = part.search_test.notna(), part.uniform_test.notna()
+        at_least = has[0] & (~has[1] | (part.margin >= 0))
         rows.append({
             "budget": f"{budget:.0%}",
             "seeds": len(part),
-            "search >= uniform": f"{(part.margin >= 0).mean():.0%}",
+            "search >= uniform": f"{at_least.mean():.0%}",
             "mean margin": f"{part.margin.mean():+.4f}",
+            "no model (search/uniform)": f"{(~has[0]).sum()}/{(~has[1]).sum()}",
             "search test": f"{part.search_test.mean():.4f}",
             "uniform test": f"{part.uniform_test.mean():.4f}",
             "search s": f"{part.search_s.mean():.0f}",
@@ -313,7 +321,8 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
         })  # fmt: skip
         if "top1_test" in part:  # the search's own pick without the shortlist
             top1 = part.top1_test - part.uniform_test
-            rows[-1] |= {"no shortlist >= uniform": f"{(top1 >= 0).mean():.0%}",
+            top1_at_least = has[0] & (~has[1] | (top1 >= 0))
+            rows[-1] |= {"no shortlist >= uniform": f"{top1_at_least.mean():.0%}",
                          "no shortlist margin": f"{top1.mean():+.4f}"}  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -51,22 +51,28 @@ def _bench():
     return sys.modules["search_quality"]
 
 
-def test_summary_counts_ties_as_wins_and_averages_margins():
+def test_summary_counts_ties_as_wins_and_a_missing_model_as_a_loss():
+    nan = float("nan")
     rows = pd.DataFrame({
-        "seed": [1, 2, 3, 1, 2, 3],
-        "budget": [0.1, 0.1, 0.1, 0.4, 0.4, 0.4],
-        "search_test": [0.90, 0.80, 0.70, 0.95, float("nan"), 0.93],
-        "uniform_test": [0.90, 0.85, 0.60, 0.94, 0.90, 0.95],
-        "search_s": [60.0] * 6, "uniform_s": [58.0] * 6,
-        "search_hv": [0.8] * 6, "uniform_hv": [0.7] * 6,
+        "seed": [1, 2, 3, 1, 2, 3, 1, 2, 3],
+        "budget": [0.1, 0.1, 0.1, 0.4, 0.4, 0.4, 0.05, 0.05, 0.05],
+        "search_test": [0.90, 0.80, 0.70, 0.95, nan, 0.93, nan, 0.60, nan],
+        "uniform_test": [0.90, 0.85, 0.60, 0.94, 0.90, 0.95, nan, nan, 0.55],
+        "search_s": [60.0] * 9, "uniform_s": [58.0] * 9,
+        "search_hv": [0.8] * 9, "uniform_hv": [0.7] * 9,
     })  # fmt: skip
     rows["margin"] = rows.search_test - rows.uniform_test
     table = _bench().summary(rows).set_index("budget")
-    assert table.loc["10%", "seeds"] == 3 and table.loc["40%", "seeds"] == 2  # NaN left out
+    assert table.loc["10%", "seeds"] == 3 and table.loc["40%", "seeds"] == 3
     assert table.loc["10%", "search >= uniform"] == "67%"  # 0.90 = 0.90 counts
     assert table.loc["10%", "mean margin"] == "+0.0167"  # (0 - 0.05 + 0.10) / 3
-    assert table.loc["40%", "search >= uniform"] == "50%"
-    assert table.loc["40%", "mean margin"] == "-0.0050"
+    assert table.loc["10%", "no model (search/uniform)"] == "0/0"
+    assert table.loc["40%", "search >= uniform"] == "33%"  # no search model: a loss
+    assert table.loc["40%", "mean margin"] == "-0.0050"  # where both have a model
+    assert table.loc["40%", "no model (search/uniform)"] == "1/0"
+    assert table.loc["5%", "seeds"] == 2  # seed 1: neither arm has a model, left out
+    assert table.loc["5%", "search >= uniform"] == "50%"  # a model against none wins
+    assert table.loc["5%", "no model (search/uniform)"] == "1/1"
     assert table.loc["40%", "search s"] == "60" and table.loc["40%", "uniform s"] == "58"
 
 
