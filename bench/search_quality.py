@@ -294,6 +294,11 @@ def _label(trial: FrozenTrial) -> str:
     return f"#{trial.number} {source}"
 
 
+def _share_at_least(searched: pd.Series, swept: pd.Series, margin: pd.Series) -> str:
+    """Share of seeds where the search has a model and the sweep none, or a margin >= 0."""
+    return f"{(searched & (~swept | (margin >= 0))).mean():.0%}"
+
+
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per budget: seeds (where either arm has a model under it), share of seeds search >=
     uniform on test accuracy (an arm without a model under the budget loses to one with a
@@ -301,17 +306,15 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     accuracies, mean wall-clock of each arm, mean hypervolumes; with a shortlist, the share
     and margin the search's first pick alone would have had."""
     rows = []
-    for budget, part in frame.dropna(subset=["search_test", "uniform_test"], how="all").groupby(
-        "budget"
-    ):
-        has = part.search_test.notna(), part.uniform_test.notna()
-        at_least = has[0] & (~has[1] | (part.margin >= 0))
+    measured = frame.dropna(subset=["search_test", "uniform_test"], how="all")
+    for budget, part in measured.groupby("budget"):
+        searched, swept = part.search_test.notna(), part.uniform_test.notna()
         rows.append({
             "budget": f"{budget:.0%}",
             "seeds": len(part),
-            "search >= uniform": f"{at_least.mean():.0%}",
+            "search >= uniform": _share_at_least(searched, swept, part.margin),
             "mean margin": f"{part.margin.mean():+.4f}",
-            "no model (search/uniform)": f"{(~has[0]).sum()}/{(~has[1]).sum()}",
+            "no model (search/uniform)": f"{(~searched).sum()}/{(~swept).sum()}",
             "search test": f"{part.search_test.mean():.4f}",
             "uniform test": f"{part.uniform_test.mean():.4f}",
             "search s": f"{part.search_s.mean():.0f}",
@@ -321,8 +324,7 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
         })  # fmt: skip
         if "top1_test" in part:  # the search's own pick without the shortlist
             top1 = part.top1_test - part.uniform_test
-            top1_at_least = has[0] & (~has[1] | (top1 >= 0))
-            rows[-1] |= {"no shortlist >= uniform": f"{top1_at_least.mean():.0%}",
+            rows[-1] |= {"no shortlist >= uniform": _share_at_least(searched, swept, top1),
                          "no shortlist margin": f"{top1.mean():+.4f}"}  # fmt: skip
     return pd.DataFrame(rows)
 
