@@ -235,6 +235,33 @@ def test_interrupted_trial_is_requeued_and_failures_stop_a_worker(tmp_path):
     assert states == [TrialState.FAIL] * 3  # the re-queued trial ran first, then one new
 
 
+def test_a_trial_failed_as_stale_meanwhile_is_dropped_and_its_worker_goes_on(tmp_path, caplog):
+    url = f"journal:///{tmp_path / 'j.journal'}"
+    storage, study = _trivial_study(url)
+    lock = lambda: trial_start_lock(url, storage, "t")  # noqa: E731
+
+    def late(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 0:  # another worker fails it as stale and re-queues it meanwhile
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            Heartbeat(interval=1).retry_callback()(study, study.trials[0])
+        return x
+
+    with caplog.at_level("WARNING", logger="autodecomp.search.loop"):
+        assert run_trials(study, late, 2, lock, poll_s=0.05) == 2
+    failed, rerun, new = study.trials
+    assert [failed.state, rerun.state, new.state] == [TrialState.FAIL, *[TrialState.COMPLETE] * 2]
+    assert rerun.params == failed.params and rerun.system_attrs["failed_trial"] == 0
+    assert "trial 0 was failed as stale by another process" in caplog.text
+
+    def broken(trial: optuna.Trial) -> float:  # the trial's own ValueError still stops it
+        trial.suggest_float("x", 0.0, 1.0)
+        raise ValueError("own")
+
+    with pytest.raises(ValueError, match="own"):
+        run_trials(study, broken, 3, lock)
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::UserWarning:optuna")
 def test_journal_heartbeat_fails_and_requeues_a_silent_trial(tmp_path, monkeypatch):
     storage = open_storage(f"journal:///{tmp_path / 'j.journal'}", Heartbeat(1, grace=3))

@@ -70,6 +70,20 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def _stored(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial ``number`` as the storage has it now (another process may have ended it)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _failed_meanwhile(number: int) -> None:
+    """Log that another process failed trial ``number`` as stale (and re-queued it)."""
+    _log.warning(
+        "trial %d was failed as stale by another process (its heartbeat came late) and its "
+        "parameters re-queued; this run's result is dropped",
+        number,
+    )
+
+
 def _one_trial(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], Any],
@@ -82,6 +96,7 @@ def _one_trial(
 ) -> TrialState | None:
     """Run one trial; ``held`` (the start lock) is released once the trial exists."""
     started: list[optuna.Trial] = []
+    ended_elsewhere: list[int] = []  # failed as stale by another process while it ran
     finished: list[TrialState] = []
 
     def run(trial: optuna.Trial) -> Any:
@@ -91,6 +106,11 @@ def _one_trial(
             trial.set_user_attr(key, value)
         value = objective(trial)
         _raise_if_interrupted()  # an interrupt that a finaliser swallowed fails the trial
+        if _stored(study, trial.number).state != TrialState.RUNNING:
+            # Optuna fails with an AssertionError when it tells a value to a FAIL trial, and
+            # with the ValueError handled below when it tells an error
+            ended_elsewhere.append(trial.number)
+            raise RuntimeError(f"trial {trial.number} was failed as stale meanwhile")
         return value
 
     def record(_study: optuna.Study, trial: FrozenTrial) -> None:
@@ -98,12 +118,15 @@ def _one_trial(
 
     try:
         study.optimize(run, n_trials=1, catch=catch, callbacks=[*callbacks, record])
-    except UpdateFinishedTrialError:
-        return None  # failed as stale by another process meanwhile (and re-queued)
+    except UpdateFinishedTrialError:  # the trial wrote to the storage after that
+        return _failed_meanwhile(started[0].number)
+    except ValueError:  # "Cannot tell a FAIL trial.", when the objective returned after that
+        if not ended_elsewhere:
+            raise
+        return _failed_meanwhile(started[0].number)
     except KeyboardInterrupt:
         if started and retry is not None:  # re-queue the interrupted trial's parameters
-            number = started[0].number
-            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+            frozen = _stored(study, started[0].number)
             if frozen.state == TrialState.FAIL:
                 retry(study, frozen)
         raise
