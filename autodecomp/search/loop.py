@@ -31,6 +31,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..core.errors import ConfigError
+from ..core.optuna_compat import trial_id
 from .objective import CATCH
 from .storage import Heartbeat, shown, trial_start_lock
 
@@ -70,12 +71,12 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _stored(study: optuna.Study, number: int) -> FrozenTrial:
-    """Trial ``number`` as the storage has it now (another process may have ended it)."""
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+def _stored(trial: optuna.Trial) -> FrozenTrial:
+    """``trial`` as its storage has it now (another process may have ended it)."""
+    return trial.storage.get_trial(trial_id(trial))
 
 
-def _failed_meanwhile(number: int) -> None:
+def _log_failed_meanwhile(number: int) -> None:
     """Log that another process failed trial ``number`` as stale (and re-queued it)."""
     _log.warning(
         "trial %d was failed as stale by another process (its heartbeat came late) and its "
@@ -96,7 +97,7 @@ def _one_trial(
 ) -> TrialState | None:
     """Run one trial; ``held`` (the start lock) is released once the trial exists."""
     started: list[optuna.Trial] = []
-    ended_elsewhere: list[int] = []  # failed as stale by another process while it ran
+    ended_elsewhere: list[bool] = []  # failed as stale by another process while it ran
     finished: list[TrialState] = []
 
     def run(trial: optuna.Trial) -> Any:
@@ -106,10 +107,10 @@ def _one_trial(
             trial.set_user_attr(key, value)
         value = objective(trial)
         _raise_if_interrupted()  # an interrupt that a finaliser swallowed fails the trial
-        if _stored(study, trial.number).state != TrialState.RUNNING:
+        if _stored(trial).state != TrialState.RUNNING:
             # Optuna fails with an AssertionError when it tells a value to a FAIL trial, and
             # with the ValueError handled below when it tells an error
-            ended_elsewhere.append(trial.number)
+            ended_elsewhere.append(True)
             raise RuntimeError(f"trial {trial.number} was failed as stale meanwhile")
         return value
 
@@ -119,14 +120,16 @@ def _one_trial(
     try:
         study.optimize(run, n_trials=1, catch=catch, callbacks=[*callbacks, record])
     except UpdateFinishedTrialError:  # the trial wrote to the storage after that
-        return _failed_meanwhile(started[0].number)
+        _log_failed_meanwhile(started[0].number)
+        return None
     except ValueError:  # "Cannot tell a FAIL trial.", when the objective returned after that
         if not ended_elsewhere:
             raise
-        return _failed_meanwhile(started[0].number)
+        _log_failed_meanwhile(started[0].number)
+        return None
     except KeyboardInterrupt:
         if started and retry is not None:  # re-queue the interrupted trial's parameters
-            frozen = _stored(study, started[0].number)
+            frozen = _stored(started[0])
             if frozen.state == TrialState.FAIL:
                 retry(study, frozen)
         raise
