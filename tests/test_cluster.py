@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+from processes import kill_if_still
 from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
@@ -88,6 +89,13 @@ def _training_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return None
 
 
+def _still_running(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial
+) -> optuna.trial.FrozenTrial | None:
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return trial if trial.number in {t.number for t in running} else None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "journal"])
 def test_three_workers_one_killed_mid_trial(kind, request, template, tmp_path, capsys):
@@ -104,14 +112,15 @@ def test_three_workers_one_killed_mid_trial(kind, request, template, tmp_path, c
     deadline = time.monotonic() + 120
     trial = None
     try:
-        while trial is None:  # kill the first worker seen training a trial
+        while trial is None:  # kill the first worker seen training a trial, mid-trial
             assert time.monotonic() < deadline, "\n".join(log.read_text() for log in logs)
-            trial = _training_trial(reader)
-            time.sleep(0.0 if trial else 0.05)
-        victim, _ = by_pid[trial.user_attrs["worker"]["pid"]]
-        victim.send_signal(signal.SIGKILL)
+            seen = _training_trial(reader)
+            if seen is None:
+                time.sleep(0.05)
+                continue
+            victim, _ = by_pid[seen.user_attrs["worker"]["pid"]]
+            trial = kill_if_still(victim, lambda seen=seen: _still_running(reader, seen))
         killed_number = trial.number
-        victim.wait(timeout=10)
         for worker, log in by_pid.values():
             if worker is not victim:
                 assert worker.wait(timeout=150) == 0, log.read_text()

@@ -7,16 +7,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from processes import kill_while
 from tiny_study import make_study, tiny_config
 
 from autodecomp.cli import main
@@ -179,13 +178,12 @@ def test_a_dead_workers_unit_is_requeued(template, tmp_path, one_process):
     assert main(["create", str(folder / "study.yaml"), "--storage", url]) == 0
     units = optuna.load_study(study_name=units_study_name("tiny"), storage=open_storage(url))
     victim = _worker(url, 0, tmp_path / "victim.log", grace=3)
-    deadline = time.monotonic() + 120
     try:
-        while not units.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            assert time.monotonic() < deadline, (tmp_path / "victim.log").read_text()
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=10)
+        kill_while(
+            victim,
+            lambda: units.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or None,
+            describe=(tmp_path / "victim.log").read_text,
+        )
     finally:
         if victim.poll() is None:
             victim.kill()

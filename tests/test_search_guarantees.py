@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+from processes import kill_while
 from tiny_study import make_study, tiny_config
 
 from autodecomp.core.optuna_compat import constraints, set_constraints
@@ -69,20 +71,22 @@ def _study(url: str) -> optuna.Study:
     return optuna.load_study(study_name="tiny", storage=open_storage(url))
 
 
+def _running_plan(url: str) -> optuna.trial.FrozenTrial | None:
+    """The trial training now (its plan drawn), if any."""
+    for trial in _study(url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "plan" in trial.user_attrs:
+            return trial
+    return None
+
+
 def _training(url: str, process: subprocess.Popen, log: Path) -> optuna.trial.FrozenTrial:
     """The first trial seen training (its plan drawn) by ``process``."""
     deadline = time.monotonic() + 120
-    study = None
     while True:
         assert process.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
-        try:
-            study = study or _study(url)
-        except KeyError:  # not created yet
-            time.sleep(0.05)
-            continue
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "plan" in trial.user_attrs:
+        with suppress(KeyError):  # KeyError: the study is not created yet
+            if (trial := _running_plan(url)) is not None:
                 return trial
         time.sleep(0.05)
 
@@ -113,9 +117,7 @@ def test_search_killed_mid_trial_then_rerun_ends_at_exactly_the_total(kind, requ
     log = folder / "search-1.log"
     first = _search(folder, url, log)
     try:
-        killed = _training(url, first, log)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
+        killed = kill_while(first, lambda: _running_plan(url), describe=log.read_text)
     finally:
         if first.poll() is None:
             first.kill()
