@@ -11,6 +11,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def wait_for(
+    process: subprocess.Popen,
+    busy: Callable[[], T | None],
+    *,
+    deadline: float,
+    describe: Callable[[], str] = lambda: "",
+) -> T:
+    """What ``busy()`` returns once it returns something, while ``process`` runs and
+    before ``deadline`` (a ``time.monotonic()`` value). A look that fails (a store not
+    created yet, or locked) counts as nothing. ``describe()`` explains a failure (e.g. the
+    process's log)."""
+    while True:
+        assert process.poll() is None, describe()
+        assert time.monotonic() < deadline, describe()
+        if (seen := _look(busy)) is not None:
+            return seen
+        time.sleep(0.02)
+
+
 def kill_while(
     process: subprocess.Popen,
     busy: Callable[[], T | None],
@@ -19,17 +38,12 @@ def kill_while(
     describe: Callable[[], str] = lambda: "",
 ) -> T:
     """SIGKILL ``process`` while ``busy()`` returns something (e.g. its running trial) and
-    return that. ``busy()`` is checked again with the process frozen (SIGSTOP), so what it
-    saw is what the kill leaves behind: a loaded machine cannot finish the trial between
-    the look and the kill. A look that fails (a store locked by the frozen process) counts
-    as not busy. ``describe()`` explains a timeout (e.g. the process's log)."""
+    return that. ``busy()`` is checked again with the process frozen (see
+    :func:`kill_if_still`), so a loaded machine cannot finish the trial between the look
+    and the kill."""
     deadline = time.monotonic() + timeout
     while True:
-        assert process.poll() is None, describe()
-        assert time.monotonic() < deadline, describe()
-        if _look(busy) is None:
-            time.sleep(0.02)
-            continue
+        wait_for(process, busy, deadline=deadline, describe=describe)
         if (seen := kill_if_still(process, busy)) is not None:
             return seen
 

@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import suppress
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
-from processes import kill_while
+from processes import kill_while, wait_for
 from tiny_study import make_study, tiny_config
 
 from autodecomp.core.optuna_compat import constraints, set_constraints
@@ -82,13 +81,7 @@ def _running_plan(url: str) -> optuna.trial.FrozenTrial | None:
 def _training(url: str, process: subprocess.Popen, log: Path) -> optuna.trial.FrozenTrial:
     """The first trial seen training (its plan drawn) by ``process``."""
     deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        with suppress(KeyError):  # KeyError: the study is not created yet
-            if (trial := _running_plan(url)) is not None:
-                return trial
-        time.sleep(0.05)
+    return wait_for(process, lambda: _running_plan(url), deadline=deadline, describe=log.read_text)
 
 
 def _finish(process: subprocess.Popen, log: Path, timeout: float = 150) -> int:
